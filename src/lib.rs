@@ -1,0 +1,238 @@
+//! llm-quota: an API-key gateway in front of Ollama and OpenAI-compatible
+//! servers that enforces daily and monthly token and request quotas.
+//!
+//! `App::build(config)` connects the stores, binds the listeners and returns
+//! what `run` serves; `main` and the integration tests start exactly this.
+
+pub mod admin;
+pub mod config;
+pub mod error;
+pub mod proxy;
+pub mod quota;
+pub mod store;
+pub mod telemetry;
+pub mod tokens;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use anyhow::Context;
+use axum::{extract::State, http::StatusCode, response::IntoResponse, Json, Router};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::{
+    config::{Config, Secret},
+    proxy::auth::KeyCache,
+    quota::{
+        buckets::{Clock, SystemClock},
+        flush::{EventSink, Flusher},
+        memory::MemoryStore,
+        BucketRef, Quota, QuotaStore, Seeder, Store, Usage,
+    },
+    store::{settings, Db},
+};
+
+/// Settings an admin can change at run time.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub ollama_url: String,
+    pub default_model: String,
+}
+
+pub struct SettingsCache(RwLock<Settings>);
+
+impl SettingsCache {
+    pub fn get(&self) -> Settings {
+        self.0.read().map(|s| s.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Stored values over the environment's defaults.
+    pub async fn reload(&self, db: &Db, config: &Config) -> sqlx::Result<()> {
+        let fresh = Settings {
+            ollama_url: db.get_setting(settings::OLLAMA_URL).await?.unwrap_or_else(|| config.ollama_url.clone()),
+            default_model: db.get_setting(settings::DEFAULT_MODEL).await?.unwrap_or_else(|| config.default_model.clone()),
+        };
+        if let Ok(mut s) = self.0.write() {
+            *s = fresh;
+        }
+        Ok(())
+    }
+}
+
+/// What every handler shares; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub db: Db,
+    pub quota: Quota,
+    pub keys: Arc<KeyCache>,
+    pub settings: Arc<SettingsCache>,
+    pub http: reqwest::Client,
+    pub events: EventSink,
+    pub admin_password: Secret,
+    pub tasks: TaskTracker,
+    flusher: Arc<tokio::sync::Mutex<Flusher>>,
+    proxy_port: Arc<std::sync::atomic::AtomicU16>,
+}
+
+impl Seeder for Db {
+    async fn load(&self, bucket: &BucketRef) -> anyhow::Result<Usage> {
+        Ok(self.load_bucket(bucket).await?)
+    }
+}
+
+impl AppState {
+    /// An admin changed keys or settings: forget cached copies.
+    pub async fn admin_changed(&self) {
+        self.keys.clear();
+        if let Err(e) = self.settings.reload(&self.db, &self.config).await {
+            tracing::error!(error = %e, "could not reload settings");
+        }
+    }
+
+    /// Write usage to the durable store now (the flusher does this every
+    /// `FLUSH_INTERVAL`).
+    pub async fn flush(&self) -> anyhow::Result<()> {
+        self.flusher.lock().await.flush().await
+    }
+
+    pub fn proxy_port(&self) -> u16 {
+        self.proxy_port.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+pub async fn healthz() -> impl IntoResponse {
+    Json(json!({"status": "ok"}))
+}
+
+pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let db = state.db.ping().await.map_err(|e| e.to_string());
+    let quota = state.quota.store.ping().await.map_err(|e| e.to_string());
+    let ok = db.is_ok() && quota.is_ok();
+    let show = |r: &Result<(), String>| r.as_ref().map_or_else(|e| format!("error: {e}"), |_| "ok".to_string());
+    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(json!({"status": if ok { "ready" } else { "unavailable" }, "database": show(&db), "quota_store": show(&quota)})))
+}
+
+pub struct App {
+    pub state: AppState,
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// Set when `ADMIN_PASSWORD` was not given and one was generated.
+    pub generated_password: Option<String>,
+    proxy: TcpListener,
+    admin: TcpListener,
+}
+
+impl App {
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        Self::build_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<App> {
+        let db = Db::connect(&config.database_url).await?;
+        if config.migrate_on_start {
+            db.migrate().await?;
+        }
+        let store = Store::Memory(Arc::new(MemoryStore::new()));
+        let quota = Quota::new(store, clock, config.app_tz, config.lease_tokens, config.reservation_ttl);
+        let (generated_password, admin_password) = match &config.admin_password {
+            Some(p) => (None, p.clone()),
+            None => {
+                let p = store::keys::generate_key().replacen("sk-", "", 1)[..24].to_string();
+                (Some(p.clone()), Secret::new(p))
+            }
+        };
+        let (events, flusher) = Flusher::new(
+            db.clone(),
+            quota.clone(),
+            config.log_file.as_ref().map(PathBuf::from),
+            Duration::from_secs(u64::from(config.usage_retention_days) * 86_400),
+        );
+        let settings = Arc::new(SettingsCache(RwLock::new(Settings {
+            ollama_url: config.ollama_url.clone(),
+            default_model: config.default_model.clone(),
+        })));
+        settings.reload(&db, &config).await.context("loading settings")?;
+        let proxy = TcpListener::bind((config.proxy_host, config.proxy_port))
+            .await
+            .with_context(|| format!("binding the proxy to {}:{}", config.proxy_host, config.proxy_port))?;
+        let admin = TcpListener::bind((config.admin_host, config.admin_port))
+            .await
+            .with_context(|| format!("binding the admin to {}:{}", config.admin_host, config.admin_port))?;
+        let proxy_addr = proxy.local_addr()?;
+        let state = AppState {
+            http: proxy::upstream::client(&config),
+            keys: Arc::new(KeyCache::new(config.key_cache_ttl)),
+            config: Arc::new(config),
+            db,
+            quota,
+            settings,
+            events,
+            admin_password,
+            tasks: TaskTracker::new(),
+            flusher,
+            proxy_port: Arc::new(proxy_addr.port().into()),
+        };
+        Ok(App { proxy_addr, admin_addr: admin.local_addr()?, generated_password, state, proxy, admin })
+    }
+
+    fn cors(&self) -> CorsLayer {
+        let origins: Vec<_> = self.state.config.allowed_origins.iter().filter_map(|o| o.parse().ok()).collect();
+        let layer = CorsLayer::new()
+            .allow_methods(tower_http::cors::Any)
+            .allow_headers(tower_http::cors::Any)
+            .expose_headers(tower_http::cors::Any);
+        if self.state.config.allowed_origins.iter().any(|o| o == "*") {
+            layer.allow_origin(tower_http::cors::Any)
+        } else {
+            layer.allow_origin(AllowOrigin::list(origins))
+        }
+    }
+
+    /// Serve until `stop` is cancelled; then stop accepting, let in-flight
+    /// requests finish (at most `SHUTDOWN_GRACE`) and flush usage.
+    pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
+        let state = self.state.clone();
+        let cors = self.cors();
+        let proxy_app: Router = proxy::router(state.clone())
+            .layer(axum::extract::DefaultBodyLimit::max(state.config.max_body_bytes))
+            .layer(cors.clone());
+        let admin_app: Router = admin::router(state.clone()).layer(cors);
+        let flush_stop = CancellationToken::new();
+        let flusher = tokio::spawn(quota::flush::run(state.flusher.clone(), state.config.flush_interval, flush_stop.clone()));
+
+        let serve = |listener: TcpListener, app: Router| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await
+            })
+        };
+        let proxy_task = serve(self.proxy, proxy_app);
+        let admin_task = serve(self.admin, admin_app);
+        stop.cancelled().await;
+        let grace = state.config.shutdown_grace;
+        let drained = tokio::time::timeout(grace, async {
+            let _ = proxy_task.await;
+            let _ = admin_task.await;
+            state.tasks.close();
+            state.tasks.wait().await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(grace = ?grace, "in-flight requests did not finish in time; settling what they used");
+        }
+        flush_stop.cancel();
+        flusher.await.context("flusher task")?;
+        Ok(())
+    }
+}

@@ -1,0 +1,422 @@
+//! The proxy listener: the Ollama and OpenAI endpoints, each request
+//! authenticated, admitted against the key's quota, relayed and settled.
+
+pub mod auth;
+pub mod ollama;
+pub mod openai;
+pub mod relay;
+pub mod upstream;
+
+use std::time::Instant;
+
+use axum::{
+    body::Body,
+    extract::{rejection::BytesRejection, State},
+    http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+
+use self::relay::{Dialect, RelayJob, Sink};
+use crate::{
+    error::{ApiError, Protocol},
+    quota::{buckets::local_display, Admission, Charge, QuotaStatus, Reservation, Window},
+    store::{keys::KeyRecord, usage::UsageEvent},
+    tokens, AppState,
+};
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(openai_chat))
+        .route("/v1/models", get(openai_models))
+        .route("/v1/quota", get(openai_quota))
+        .route("/api/chat", post(ollama_chat))
+        .route("/api/generate", post(ollama_generate))
+        .route("/api/tags", get(ollama_tags))
+        .route("/api/version", get(ollama_version))
+        .route("/api/versions", get(ollama_version))
+        .route("/api/quota", get(ollama_quota))
+        .route("/healthz", get(crate::healthz))
+        .route("/readyz", get(crate::readyz))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+fn protocol_of(path: &str) -> Protocol {
+    if path.starts_with("/v1") {
+        Protocol::OpenAi
+    } else {
+        Protocol::Ollama
+    }
+}
+
+async fn not_found(uri: Uri) -> Response {
+    ApiError::not_found(format!("no route for {}", uri.path())).in_protocol(protocol_of(uri.path())).into_response()
+}
+
+async fn openai_chat(State(s): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    generation(s, Dialect::OpenAiChat, headers, body).await
+}
+
+async fn ollama_chat(State(s): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    generation(s, Dialect::OllamaChat, headers, body).await
+}
+
+async fn ollama_generate(State(s): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    generation(s, Dialect::OllamaGenerate, headers, body).await
+}
+
+async fn generation(state: AppState, dialect: Dialect, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    let protocol = if dialect == Dialect::OpenAiChat { Protocol::OpenAi } else { Protocol::Ollama };
+    match generate(state, dialect, headers, body).await {
+        Ok(resp) => resp,
+        Err(e) => e.in_protocol(protocol).into_response(),
+    }
+}
+
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rej| {
+        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
+        } else {
+            ApiError::bad_request(format!("could not read the request body: {rej}"))
+        }
+    })
+}
+
+fn field_error(field: &str, msg: &str) -> ApiError {
+    let mut e = ApiError::bad_request(format!("'{field}' {msg}"));
+    e.field = Some(field.to_string());
+    e
+}
+
+/// What the gateway needs from a generation request, after validation.
+struct Parsed {
+    body: serde_json::Map<String, Value>,
+    model: String,
+    client_stream: bool,
+    client_wants_usage: bool,
+}
+
+fn parse_request(dialect: Dialect, bytes: &[u8], default_model: &str) -> Result<Parsed, ApiError> {
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request(format!("request body is not valid JSON: {e}")))?;
+    let Value::Object(mut body) = value else {
+        return Err(ApiError::bad_request("request body must be a JSON object"));
+    };
+    let model = match body.get("model") {
+        None | Some(Value::Null) => default_model.to_string(),
+        Some(Value::String(m)) if m.trim().is_empty() => default_model.to_string(),
+        Some(Value::String(m)) => m.clone(),
+        Some(_) => return Err(field_error("model", "must be a string")),
+    };
+    body.insert("model".into(), Value::String(model.clone()));
+    let client_stream = match body.get("stream") {
+        None | Some(Value::Null) => dialect != Dialect::OpenAiChat,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(field_error("stream", "must be a boolean")),
+    };
+    match dialect {
+        Dialect::OpenAiChat | Dialect::OllamaChat => match body.get("messages") {
+            None | Some(Value::Null) if dialect == Dialect::OllamaChat => {}
+            None | Some(Value::Null) => return Err(field_error("messages", "is required")),
+            Some(Value::Array(ms)) => {
+                if let Some(i) = ms.iter().position(|m| !m.is_object()) {
+                    return Err(field_error(&format!("messages[{i}]"), "must be an object"));
+                }
+            }
+            Some(_) => return Err(field_error("messages", "must be an array")),
+        },
+        Dialect::OllamaGenerate => {
+            if !matches!(body.get("prompt"), None | Some(Value::Null) | Some(Value::String(_))) {
+                return Err(field_error("prompt", "must be a string"));
+            }
+        }
+    }
+    if !matches!(body.get("tools"), None | Some(Value::Null) | Some(Value::Array(_))) {
+        return Err(field_error("tools", "must be an array"));
+    }
+    let client_wants_usage = match body.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(o)) => o.get("include_usage").and_then(Value::as_bool).unwrap_or(false),
+        Some(_) => return Err(field_error("stream_options", "must be an object")),
+    };
+    Ok(Parsed { body, model, client_stream, client_wants_usage })
+}
+
+async fn count_prompt(dialect: Dialect, body: serde_json::Map<String, Value>, size: usize) -> (serde_json::Map<String, Value>, u64) {
+    let count = move |body: serde_json::Map<String, Value>| {
+        let v = Value::Object(body);
+        let n = match dialect {
+            Dialect::OllamaGenerate => tokens::count_generate_prompt(&v),
+            _ => tokens::count_chat_prompt(&v),
+        };
+        let Value::Object(body) = v else { unreachable!("built from an object") };
+        (body, n)
+    };
+    if size >= tokens::BLOCKING_THRESHOLD {
+        tokio::task::spawn_blocking(move || count(body)).await.expect("token counting does not panic")
+    } else {
+        count(body)
+    }
+}
+
+async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let key = auth::authenticate(&state.keys, &state.db, &headers, state.quota.now()).await?;
+    let bytes = body_bytes(body)?;
+    let default_model = state.settings.get().default_model;
+    let parsed = parse_request(dialect, &bytes, &default_model)?;
+    if !key.allows_model(&parsed.model) {
+        return Err(ApiError::forbidden(format!("API key '{}' may not use model '{}'", key.name, parsed.model)));
+    }
+    let (mut body, prompt_tokens) = count_prompt(dialect, parsed.body, bytes.len()).await;
+    drop(bytes);
+
+    let admission = state
+        .quota
+        .admit(&state.db, key.id, key.limits, prompt_tokens)
+        .await
+        .map_err(|e| ApiError::dependency("quota store", e))?;
+    let reservation = match admission {
+        Admission::Granted(r) => r,
+        Admission::Rejected(rej) => {
+            let now = state.quota.now();
+            let msg = format!(
+                "{} of {} reached for key '{}'; resets {}",
+                rej.limit.describe(),
+                rej.limit_value,
+                key.name,
+                local_display(rej.reset_at, state.quota.tz())
+            );
+            let retry = (rej.reset_at - now).num_seconds().max(1);
+            state.events.record(UsageEvent {
+                request_id,
+                ts_ms: now.timestamp_millis(),
+                day: rej.status.day_bucket.clone(),
+                key_id: key.id,
+                route: dialect.route().into(),
+                model: parsed.model,
+                status: 429,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                duration_ms: started.elapsed().as_millis() as u64,
+                refunded: false,
+                outcome: "rejected",
+            });
+            let mut err = ApiError::new(StatusCode::TOO_MANY_REQUESTS, msg)
+                .with_header(header::RETRY_AFTER, HeaderValue::from(retry));
+            rate_limit_headers(&mut err.headers, &rej.status, now);
+            return Err(err);
+        }
+    };
+
+    // The gateway always streams from the upstream, so it can meter and stop.
+    body.insert("stream".into(), Value::Bool(true));
+    if dialect == Dialect::OpenAiChat {
+        let opts = body.entry("stream_options").or_insert_with(|| json!({}));
+        if let Value::Object(o) = opts {
+            o.insert("include_usage".into(), Value::Bool(true));
+        }
+    }
+    let base = state.settings.get().ollama_url;
+    let req = state.http.post(format!("{base}{}", dialect.route())).json(&body);
+    let fail = |state: &AppState, r: &Reservation, status: StatusCode, refund: bool, model: &str| {
+        let now = state.quota.now();
+        state.events.record(UsageEvent {
+            request_id: request_id.clone(),
+            ts_ms: now.timestamp_millis(),
+            day: r.resv.day.clone(),
+            key_id: key.id,
+            route: dialect.route().into(),
+            model: model.to_string(),
+            status: status.as_u16(),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            duration_ms: started.elapsed().as_millis() as u64,
+            refunded: refund,
+            outcome: if refund { "upstream_error" } else { "upstream_rejected" },
+        });
+    };
+    let upstream = match upstream::send(req, state.config.upstream_timeout).await {
+        Ok(resp) => resp,
+        Err(failure) => {
+            let err = failure.into_error();
+            settle_refund(&state, &reservation, true).await;
+            fail(&state, &reservation, err.status, true, &parsed.model);
+            return Err(err);
+        }
+    };
+    let now = state.quota.now();
+    if !upstream.status().is_success() {
+        // Upstream errors pass through with their status and body. A 5xx is
+        // the upstream's failure (refunded); a 4xx counts as a request.
+        let status = StatusCode::from_u16(upstream.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
+        let body = tokio::time::timeout(state.config.upstream_timeout, upstream.bytes()).await.ok().and_then(Result::ok);
+        let refund = status.is_server_error();
+        settle_refund(&state, &reservation, refund).await;
+        fail(&state, &reservation, status, refund, &parsed.model);
+        let mut resp = (status, body.unwrap_or_default()).into_response();
+        if let Some(ct) = content_type {
+            resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+        }
+        rate_limit_headers(resp.headers_mut(), &reservation.status, now);
+        return Ok(resp);
+    }
+
+    let mut extra = HeaderMap::new();
+    rate_limit_headers(&mut extra, &reservation.status, now);
+    extra.insert(HeaderName::from_static("x-request-id"), HeaderValue::from_str(&request_id).expect("uuid is ASCII"));
+    let job = |sink| RelayJob {
+        state: state.clone(),
+        dialect,
+        key_id: key.id,
+        model: parsed.model.clone(),
+        reservation,
+        sink,
+        client_wants_usage: parsed.client_wants_usage,
+        started,
+        request_id: request_id.clone(),
+    };
+    if parsed.client_stream {
+        let (tx, rx) = mpsc::channel(16);
+        state.tasks.spawn(job(Sink::Stream(tx)).run(upstream));
+        let content_type = if dialect == Dialect::OpenAiChat { "text/event-stream" } else { "application/x-ndjson" };
+        let mut resp = Response::new(Body::from_stream(ReceiverStream::new(rx)));
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        h.insert(HeaderName::from_static("x-accel-buffering"), HeaderValue::from_static("no"));
+        h.extend(extra);
+        Ok(resp)
+    } else {
+        let (tx, rx) = oneshot::channel();
+        state.tasks.spawn(job(Sink::Whole(tx)).run(upstream));
+        let answer = rx.await.map_err(|_| ApiError::internal("relay task ended without an answer"))?;
+        let mut resp = match answer {
+            Ok(v) => Json(v).into_response(),
+            Err(e) => {
+                let protocol = if dialect == Dialect::OpenAiChat { Protocol::OpenAi } else { Protocol::Ollama };
+                e.in_protocol(protocol).into_response()
+            }
+        };
+        resp.headers_mut().extend(extra);
+        Ok(resp)
+    }
+}
+
+async fn settle_refund(state: &AppState, r: &Reservation, refund: bool) {
+    let charge = Charge { prompt_tokens: 0, completion_tokens: 0, refund_request: refund };
+    if let Err(e) = state.quota.settle(r, charge).await {
+        tracing::error!(error = %e, "settle failed");
+    }
+}
+
+/// `6h12m5s`, the way OpenAI writes `x-ratelimit-reset-*`.
+pub fn reset_in(now: DateTime<Utc>, at: DateTime<Utc>) -> String {
+    let secs = (at - now).num_seconds().max(0);
+    let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m{s}s"),
+    }
+}
+
+/// OpenAI's `x-ratelimit-*` headers for the tightest request and token windows.
+pub fn rate_limit_headers(h: &mut HeaderMap, status: &QuotaStatus, now: DateTime<Utc>) {
+    let mut put = |kind: &str, w: Option<Window>| {
+        let Some(w) = w else { return };
+        for (name, value) in [
+            (format!("x-ratelimit-limit-{kind}"), w.limit.to_string()),
+            (format!("x-ratelimit-remaining-{kind}"), w.remaining.to_string()),
+            (format!("x-ratelimit-reset-{kind}"), reset_in(now, w.reset_at)),
+        ] {
+            if let (Ok(n), Ok(v)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {
+                h.insert(n, v);
+            }
+        }
+    };
+    put("requests", status.requests_window());
+    put("tokens", status.tokens_window());
+}
+
+async fn passthrough(state: &AppState, headers: &HeaderMap, path: &str, protocol: Protocol) -> Response {
+    let result = async {
+        auth::authenticate(&state.keys, &state.db, headers, state.quota.now()).await?;
+        let base = state.settings.get().ollama_url;
+        let (status, body) =
+            upstream::get_json(&state.http, &base, path, state.config.upstream_timeout).await.map_err(|f| f.into_error())?;
+        Ok::<_, ApiError>((status, Json(body)).into_response())
+    }
+    .await;
+    result.unwrap_or_else(|e| e.in_protocol(protocol).into_response())
+}
+
+async fn openai_models(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    passthrough(&s, &headers, "/v1/models", Protocol::OpenAi).await
+}
+
+async fn ollama_tags(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    passthrough(&s, &headers, "/api/tags", Protocol::Ollama).await
+}
+
+async fn ollama_version(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    passthrough(&s, &headers, "/api/version", Protocol::Ollama).await
+}
+
+async fn openai_quota(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    quota_report(&s, &headers).await.unwrap_or_else(|e| e.in_protocol(Protocol::OpenAi).into_response())
+}
+
+async fn ollama_quota(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    quota_report(&s, &headers).await.unwrap_or_else(|e| e.in_protocol(Protocol::Ollama).into_response())
+}
+
+/// `GET /v1/quota`: the caller's limits, usage and resets in both windows.
+async fn quota_report(state: &AppState, headers: &HeaderMap) -> Result<Response, ApiError> {
+    let key = auth::authenticate(&state.keys, &state.db, headers, state.quota.now()).await?;
+    let status = state
+        .quota
+        .status_of(&state.db, key.id, key.limits)
+        .await
+        .map_err(|e| ApiError::dependency("quota store", e))?;
+    let mut resp = Json(quota_json(&key, &status, state.quota.tz())).into_response();
+    rate_limit_headers(resp.headers_mut(), &status, state.quota.now());
+    Ok(resp)
+}
+
+pub fn quota_json(key: &KeyRecord, s: &QuotaStatus, tz: chrono_tz::Tz) -> Value {
+    let window = |period: &str, since: DateTime<Utc>, resets: DateTime<Utc>, u: &crate::quota::Usage, rl: Option<u64>, tl: Option<u64>| {
+        json!({
+            "period": period,
+            "since": since,
+            "resets_at": resets,
+            "resets_at_local": local_display(resets, tz),
+            "requests": {"limit": rl, "used": u.net_requests(), "remaining": rl.map(|l| l.saturating_sub(u.net_requests()))},
+            "tokens": {
+                "limit": tl,
+                "used": u.tokens(),
+                "prompt": u.prompt_tokens,
+                "completion": u.completion_tokens,
+                "reserved": u.reserved,
+                "remaining": tl.map(|l| l.saturating_sub(u.committed_tokens())),
+            },
+        })
+    };
+    let l = &s.limits;
+    json!({
+        "key": {"id": key.id, "name": key.name, "key_prefix": key.key_prefix, "expires_at": key.expires_at},
+        "timezone": tz.name(),
+        "daily": window(&s.day_bucket, s.day_start, s.day_reset, &s.day, l.daily_requests, l.daily_tokens),
+        "monthly": window(&s.month_bucket, s.month_start, s.month_reset, &s.month, l.monthly_requests, l.monthly_tokens),
+    })
+}

@@ -1,0 +1,140 @@
+//! Ollama's native protocol (`/api/chat`, `/api/generate`): NDJSON chunks,
+//! the final `done: true` statistics, and the single non-stream object.
+
+use chrono::{SecondsFormat, Utc};
+use serde_json::{json, Map, Value};
+
+/// `(prompt_eval_count, eval_count)` of a final chunk.
+pub fn usage(chunk: &Value) -> Option<(u64, u64)> {
+    if !is_final(chunk) {
+        return None;
+    }
+    let n = |k| chunk.get(k).and_then(Value::as_u64);
+    Some((n("prompt_eval_count").unwrap_or(0), n("eval_count").unwrap_or(0)))
+}
+
+pub fn is_final(chunk: &Value) -> bool {
+    chunk.get("done").and_then(Value::as_bool) == Some(true)
+}
+
+/// The final chunk the gateway writes when the key's quota ends the
+/// completion: what Ollama sends when `num_predict` runs out.
+pub fn length_chunk(generate: bool, model: &str, prompt: u64, completion: u64, elapsed_ns: u64) -> Value {
+    let mut v = json!({
+        "model": model,
+        "created_at": Utc::now().to_rfc3339_opts(SecondsFormat::Nanos, true),
+    });
+    let obj = v.as_object_mut().expect("object literal");
+    if generate {
+        obj.insert("response".into(), json!(""));
+    } else {
+        obj.insert("message".into(), json!({"role": "assistant", "content": ""}));
+    }
+    obj.insert("done".into(), json!(true));
+    obj.insert("done_reason".into(), json!("length"));
+    obj.insert("total_duration".into(), json!(elapsed_ns));
+    obj.insert("prompt_eval_count".into(), json!(prompt));
+    obj.insert("eval_count".into(), json!(completion));
+    v
+}
+
+/// Builds the non-stream answer from chunks: the final chunk's fields with
+/// the whole message (or response) put back together.
+#[derive(Debug, Default)]
+pub struct Assembler {
+    generate: bool,
+    content: String,
+    thinking: String,
+    tool_calls: Vec<Value>,
+    images: Option<Value>,
+}
+
+impl Assembler {
+    pub fn new(generate: bool) -> Self {
+        Assembler { generate, ..Default::default() }
+    }
+
+    pub fn push(&mut self, chunk: &Value) {
+        let text = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or("").to_string();
+        if self.generate {
+            self.content += &text(chunk.get("response"));
+            self.thinking += &text(chunk.get("thinking"));
+        } else if let Some(m) = chunk.get("message") {
+            self.content += &text(m.get("content"));
+            self.thinking += &text(m.get("thinking"));
+            if let Some(Value::Array(calls)) = m.get("tool_calls") {
+                self.tool_calls.extend(calls.iter().cloned());
+            }
+            if let Some(images) = m.get("images").filter(|i| !i.is_null()) {
+                self.images = Some(images.clone());
+            }
+        }
+    }
+
+    /// The answer, shaped by the final chunk (upstream's or the gateway's).
+    pub fn finish(self, final_chunk: Value) -> Value {
+        let mut out: Map<String, Value> = match final_chunk {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        if self.generate {
+            out.insert("response".into(), Value::String(self.content));
+            if !self.thinking.is_empty() {
+                out.insert("thinking".into(), Value::String(self.thinking));
+            }
+        } else {
+            let mut msg = Map::new();
+            msg.insert("role".into(), json!("assistant"));
+            msg.insert("content".into(), Value::String(self.content));
+            if !self.thinking.is_empty() {
+                msg.insert("thinking".into(), Value::String(self.thinking));
+            }
+            if !self.tool_calls.is_empty() {
+                msg.insert("tool_calls".into(), Value::Array(self.tool_calls));
+            }
+            if let Some(images) = self.images {
+                msg.insert("images".into(), images);
+            }
+            out.insert("message".into(), Value::Object(msg));
+        }
+        // Keep Ollama's field order: model, created_at, message/response, done…
+        let mut ordered = Map::new();
+        for k in ["model", "created_at", "message", "response", "thinking"] {
+            if let Some(v) = out.remove(k) {
+                ordered.insert(k.into(), v);
+            }
+        }
+        ordered.extend(out);
+        Value::Object(ordered)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assembles_chat_with_tool_calls_and_final_statistics() {
+        let mut a = Assembler::new(false);
+        a.push(&json!({"model": "m", "message": {"role": "assistant", "content": "Hel"}, "done": false}));
+        a.push(&json!({"model": "m", "message": {"role": "assistant", "content": "lo",
+            "tool_calls": [{"function": {"name": "f", "arguments": {"a": 1}}}]}, "done": false}));
+        let out = a.finish(json!({"model": "m", "created_at": "t", "message": {"role": "assistant", "content": ""},
+            "done": true, "done_reason": "stop", "eval_count": 2}));
+        assert_eq!(out["message"]["content"], "Hello");
+        assert_eq!(out["message"]["tool_calls"][0]["function"]["arguments"]["a"], 1);
+        assert_eq!(out["done_reason"], "stop");
+        assert_eq!(out["eval_count"], 2);
+        let keys: Vec<&String> = out.as_object().unwrap().keys().collect();
+        assert_eq!(keys[..3], ["model", "created_at", "message"]);
+    }
+
+    #[test]
+    fn length_chunk_is_a_final_chunk() {
+        let c = length_chunk(true, "m", 5, 7, 1);
+        assert!(is_final(&c));
+        assert_eq!(usage(&c), Some((5, 7)));
+        assert_eq!(c["response"], "");
+        assert_eq!(c["done_reason"], "length");
+    }
+}

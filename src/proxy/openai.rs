@@ -1,0 +1,214 @@
+//! The OpenAI-compatible protocol (`/v1/chat/completions`): SSE chunks,
+//! the usage chunk, tool-call deltas joined by index, and the non-stream
+//! `chat.completion` object.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Map, Value};
+
+/// `(prompt_tokens, completion_tokens)` of a chunk carrying usage.
+pub fn usage(chunk: &Value) -> Option<(u64, u64)> {
+    let u = chunk.get("usage").filter(|u| u.is_object())?;
+    let n = |k| u.get(k).and_then(Value::as_u64).unwrap_or(0);
+    Some((n("prompt_tokens"), n("completion_tokens")))
+}
+
+/// The usage-only chunk that `include_usage` adds at the end.
+pub fn is_usage_chunk(chunk: &Value) -> bool {
+    chunk.get("choices").and_then(Value::as_array).is_some_and(|c| c.is_empty()) && usage(chunk).is_some()
+}
+
+/// Identity of the completion, taken from the first chunk, for the chunks
+/// the gateway writes itself.
+#[derive(Debug, Clone, Default)]
+pub struct Meta {
+    pub id: String,
+    pub created: i64,
+    pub model: String,
+    pub system_fingerprint: Option<Value>,
+}
+
+impl Meta {
+    pub fn observe(&mut self, chunk: &Value) {
+        if self.id.is_empty() {
+            if let Some(id) = chunk.get("id").and_then(Value::as_str) {
+                self.id = id.to_string();
+            }
+            self.created = chunk.get("created").and_then(Value::as_i64).unwrap_or(self.created);
+            if let Some(m) = chunk.get("model").and_then(Value::as_str) {
+                self.model = m.to_string();
+            }
+            self.system_fingerprint = chunk.get("system_fingerprint").cloned();
+        }
+    }
+
+    fn base(&self, object: &str) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("id".into(), json!(self.id));
+        m.insert("object".into(), json!(object));
+        m.insert("created".into(), json!(self.created));
+        m.insert("model".into(), json!(self.model));
+        if let Some(fp) = &self.system_fingerprint {
+            m.insert("system_fingerprint".into(), fp.clone());
+        }
+        m
+    }
+
+    /// `finish_reason: "length"` chunk that ends a stream at the quota.
+    pub fn length_chunk(&self) -> Value {
+        let mut m = self.base("chat.completion.chunk");
+        m.insert("choices".into(), json!([{"index": 0, "delta": {}, "finish_reason": "length"}]));
+        Value::Object(m)
+    }
+
+    pub fn usage_chunk(&self, prompt: u64, completion: u64) -> Value {
+        let mut m = self.base("chat.completion.chunk");
+        m.insert("choices".into(), json!([]));
+        m.insert("usage".into(), usage_object(prompt, completion));
+        Value::Object(m)
+    }
+}
+
+pub fn usage_object(prompt: u64, completion: u64) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+#[derive(Debug, Default)]
+struct Choice {
+    role: Option<String>,
+    content: Option<String>,
+    reasoning: Option<String>,
+    /// tool-call index → (id, type, name, arguments)
+    tool_calls: BTreeMap<u64, (Value, String, String, String)>,
+    finish_reason: Value,
+}
+
+/// Builds the non-stream `chat.completion` from stream chunks.
+#[derive(Debug, Default)]
+pub struct Assembler {
+    pub meta: Meta,
+    choices: BTreeMap<u64, Choice>,
+    usage: Option<Value>,
+}
+
+impl Assembler {
+    pub fn push(&mut self, chunk: &Value) {
+        self.meta.observe(chunk);
+        if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
+            self.usage = Some(u.clone());
+        }
+        let Some(choices) = chunk.get("choices").and_then(Value::as_array) else { return };
+        for c in choices {
+            let idx = c.get("index").and_then(Value::as_u64).unwrap_or(0);
+            let choice = self.choices.entry(idx).or_default();
+            if let Some(fr) = c.get("finish_reason").filter(|f| !f.is_null()) {
+                choice.finish_reason = fr.clone();
+            }
+            let Some(delta) = c.get("delta") else { continue };
+            if let Some(r) = delta.get("role").and_then(Value::as_str) {
+                choice.role = Some(r.to_string());
+            }
+            if let Some(t) = delta.get("content").and_then(Value::as_str) {
+                choice.content.get_or_insert_with(String::new).push_str(t);
+            }
+            for k in ["reasoning_content", "reasoning"] {
+                if let Some(t) = delta.get(k).and_then(Value::as_str) {
+                    choice.reasoning.get_or_insert_with(String::new).push_str(t);
+                }
+            }
+            for call in delta.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
+                let ti = call.get("index").and_then(Value::as_u64).unwrap_or(0);
+                let entry = choice.tool_calls.entry(ti).or_insert_with(|| (Value::Null, "function".into(), String::new(), String::new()));
+                if let Some(id) = call.get("id").filter(|v| !v.is_null()) {
+                    entry.0 = id.clone();
+                }
+                if let Some(t) = call.get("type").and_then(Value::as_str) {
+                    entry.1 = t.to_string();
+                }
+                if let Some(f) = call.get("function") {
+                    if let Some(n) = f.get("name").and_then(Value::as_str) {
+                        entry.2.push_str(n);
+                    }
+                    if let Some(a) = f.get("arguments").and_then(Value::as_str) {
+                        entry.3.push_str(a);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The `chat.completion`; `ended_at_quota` sets `finish_reason: "length"`
+    /// and `fallback_usage` fills `usage` when the upstream sent none.
+    pub fn finish(mut self, ended_at_quota: bool, fallback_usage: (u64, u64)) -> Value {
+        if self.choices.is_empty() {
+            self.choices.insert(0, Choice::default());
+        }
+        let choices: Vec<Value> = self
+            .choices
+            .into_iter()
+            .map(|(idx, c)| {
+                let mut msg = Map::new();
+                msg.insert("role".into(), json!(c.role.unwrap_or_else(|| "assistant".into())));
+                msg.insert("content".into(), c.content.map_or(Value::Null, Value::String));
+                if let Some(r) = c.reasoning {
+                    msg.insert("reasoning_content".into(), Value::String(r));
+                }
+                if !c.tool_calls.is_empty() {
+                    let calls: Vec<Value> = c
+                        .tool_calls
+                        .into_values()
+                        .map(|(id, ty, name, args)| json!({"id": id, "type": ty, "function": {"name": name, "arguments": args}}))
+                        .collect();
+                    msg.insert("tool_calls".into(), Value::Array(calls));
+                }
+                let finish = if ended_at_quota { json!("length") } else { c.finish_reason };
+                json!({"index": idx, "message": Value::Object(msg), "logprobs": null, "finish_reason": finish})
+            })
+            .collect();
+        let mut out = self.meta.base("chat.completion");
+        out.insert("choices".into(), Value::Array(choices));
+        let usage = match (ended_at_quota, self.usage) {
+            (false, Some(u)) => u,
+            _ => usage_object(fallback_usage.0, fallback_usage.1),
+        };
+        out.insert("usage".into(), usage);
+        Value::Object(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joins_tool_call_fragments_by_index() {
+        let mut a = Assembler::default();
+        a.push(&json!({"id": "c1", "created": 5, "model": "m", "choices": [{"index": 0, "delta": {"role": "assistant",
+            "tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]},
+            "finish_reason": null}]}));
+        a.push(&json!({"id": "c1", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}}]}));
+        a.push(&json!({"id": "c1", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "\"Tokyo\"}"}}]}}]}));
+        a.push(&json!({"id": "c1", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}));
+        a.push(&json!({"id": "c1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}));
+        let out = a.finish(false, (0, 0));
+        assert_eq!(out["object"], "chat.completion");
+        assert_eq!(out["id"], "c1");
+        let call = &out["choices"][0]["message"]["tool_calls"][0];
+        assert_eq!(call["id"], "call_1");
+        assert_eq!(call["function"]["arguments"], "{\"city\":\"Tokyo\"}");
+        assert_eq!(out["choices"][0]["message"]["content"], Value::Null);
+        assert_eq!(out["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(out["usage"]["total_tokens"], 7);
+    }
+
+    #[test]
+    fn quota_end_reports_length_and_gateway_usage() {
+        let mut a = Assembler::default();
+        a.push(&json!({"id": "c", "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": null}]}));
+        let out = a.finish(true, (2, 1));
+        assert_eq!(out["choices"][0]["finish_reason"], "length");
+        assert_eq!(out["choices"][0]["message"]["content"], "Hi");
+        assert_eq!(out["usage"]["completion_tokens"], 1);
+        assert!(is_usage_chunk(&Meta::default().usage_chunk(1, 2)));
+    }
+}

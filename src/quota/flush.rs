@@ -1,0 +1,146 @@
+//! The flusher: every `FLUSH_INTERVAL` it charges lapsed reservations,
+//! writes changed bucket totals (absolute, greatest-wins) and the pending
+//! usage events to the durable store, and appends the events to the usage
+//! log. A failed write keeps everything for the next round.
+
+use std::{
+    io::Write,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{mpsc, Mutex};
+use tokio_util::sync::CancellationToken;
+
+use super::{Quota, QuotaStore};
+use crate::store::{usage::UsageEvent, Db};
+
+/// Where the request path drops usage events; never blocks.
+#[derive(Clone)]
+pub struct EventSink(mpsc::UnboundedSender<UsageEvent>);
+
+impl EventSink {
+    pub fn record(&self, e: UsageEvent) {
+        // Only fails once the flusher is gone, at the very end of shutdown.
+        let _ = self.0.send(e);
+    }
+}
+
+pub struct Flusher {
+    db: Db,
+    quota: Quota,
+    rx: mpsc::UnboundedReceiver<UsageEvent>,
+    pending: Vec<UsageEvent>,
+    log: Option<UsageLog>,
+    retention: Duration,
+    last_prune: Option<Instant>,
+}
+
+impl Flusher {
+    pub fn new(db: Db, quota: Quota, log_file: Option<PathBuf>, retention: Duration) -> (EventSink, Arc<Mutex<Flusher>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let flusher = Flusher {
+            db,
+            quota,
+            rx,
+            pending: Vec::new(),
+            log: log_file.map(|path| UsageLog { path, max_bytes: 10 * 1024 * 1024, backups: 5 }),
+            retention,
+            last_prune: None,
+        };
+        (EventSink(tx), Arc::new(Mutex::new(flusher)))
+    }
+
+    /// One round; returns an error when something is left for the next.
+    pub async fn flush(&mut self) -> anyhow::Result<()> {
+        let now = self.quota.now().timestamp_millis();
+        self.quota.store.expire(now).await?;
+        let dirty = self.quota.store.take_dirty().await?;
+        if let Err(e) = self.db.upsert_buckets(&dirty).await {
+            let refs: Vec<_> = dirty.into_iter().map(|(r, _)| r).collect();
+            self.quota.store.mark_dirty(&refs).await?;
+            return Err(e.into());
+        }
+        let mut fresh = Vec::new();
+        while let Ok(e) = self.rx.try_recv() {
+            fresh.push(e);
+        }
+        if let Some(log) = &self.log {
+            if let Err(e) = log.append(&fresh) {
+                tracing::warn!(error = %e, path = %log.path.display(), "could not write the usage log");
+            }
+        }
+        self.pending.extend(fresh);
+        for batch in self.pending.chunks(500) {
+            self.db.insert_events(batch).await?;
+        }
+        self.pending.clear();
+        if self.last_prune.is_none_or(|t| t.elapsed() > Duration::from_secs(3600)) {
+            let cutoff = now - self.retention.as_millis() as i64;
+            self.db.prune_events(cutoff).await?;
+            self.last_prune = Some(Instant::now());
+        }
+        Ok(())
+    }
+}
+
+/// Runs rounds until cancelled, then one last round. Failures back off
+/// (doubling up to a minute) and are retried; nothing is dropped.
+pub async fn run(flusher: Arc<Mutex<Flusher>>, interval: Duration, stop: CancellationToken) {
+    let mut wait = interval;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        match flusher.lock().await.flush().await {
+            Ok(()) => wait = interval,
+            Err(e) => {
+                wait = (wait * 2).min(Duration::from_secs(60));
+                tracing::warn!(error = %e, retry_in = ?wait, "flush failed");
+            }
+        }
+    }
+    if let Err(e) = flusher.lock().await.flush().await {
+        tracing::error!(error = %e, "final flush failed; unflushed usage is lost");
+    }
+}
+
+/// The Python proxy's usage log: one JSON line per request, rotated at
+/// `max_bytes` into `usage.log.1` … `usage.log.N`.
+struct UsageLog {
+    path: PathBuf,
+    max_bytes: u64,
+    backups: u32,
+}
+
+impl UsageLog {
+    fn append(&self, events: &[UsageEvent]) -> std::io::Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        if std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0) >= self.max_bytes {
+            for i in (1..self.backups).rev() {
+                let _ = std::fs::rename(self.backup(i), self.backup(i + 1));
+            }
+            std::fs::rename(&self.path, self.backup(1))?;
+        }
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+        let mut buf = Vec::new();
+        for e in events {
+            serde_json::to_writer(&mut buf, e)?;
+            buf.push(b'\n');
+        }
+        f.write_all(&buf)
+    }
+
+    fn backup(&self, i: u32) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(format!(".{i}"));
+        p.into()
+    }
+}

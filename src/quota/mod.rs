@@ -1,0 +1,441 @@
+//! The quota engine: one trait with identical semantics in the in-process
+//! store (`memory`) and the Redis store, and `Quota`, which the request path
+//! uses: seeding missing buckets from the durable store, admission, leases,
+//! settlement.
+//!
+//! Accounting per bucket (a key's day or month):
+//! - `requests` counts admissions and `refunds` the admissions given back
+//!   (upstream failed before any output); both only grow, so the flusher can
+//!   write absolute values with `GREATEST` and replicas never undo each other.
+//! - `prompt_tokens` / `completion_tokens` are charged at settlement.
+//! - `reserved` is what in-flight requests hold (prompt + leases); it is
+//!   never persisted.
+//!
+//! A request is admitted only if, in both buckets, `requests - refunds + 1`
+//! fits the request limit and `charged + reserved + prompt` fits the token
+//! limit. It then holds `prompt + min(lease, what is left)`, and grows by
+//! leases while it streams. Nothing is delivered beyond what is held, so
+//! charged tokens never pass a limit as long as the upstream's counts agree
+//! with the gateway's.
+
+pub mod buckets;
+pub mod flush;
+pub mod memory;
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use serde::Serialize;
+
+use self::buckets::{Clock, Periods};
+
+/// The four limits of a key; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    pub daily_tokens: Option<u64>,
+    pub monthly_tokens: Option<u64>,
+    pub daily_requests: Option<u64>,
+    pub monthly_requests: Option<u64>,
+}
+
+/// Totals of one bucket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub requests: u64,
+    pub refunds: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub reserved: u64,
+}
+
+impl Usage {
+    pub fn net_requests(&self) -> u64 {
+        self.requests.saturating_sub(self.refunds)
+    }
+    pub fn tokens(&self) -> u64 {
+        self.prompt_tokens + self.completion_tokens
+    }
+    /// Tokens that count against the limit right now.
+    pub fn committed_tokens(&self) -> u64 {
+        self.tokens() + self.reserved
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitKind {
+    DailyRequests,
+    MonthlyRequests,
+    DailyTokens,
+    MonthlyTokens,
+}
+
+impl LimitKind {
+    pub fn describe(self) -> &'static str {
+        match self {
+            LimitKind::DailyRequests => "daily request limit",
+            LimitKind::MonthlyRequests => "monthly request limit",
+            LimitKind::DailyTokens => "daily token limit",
+            LimitKind::MonthlyTokens => "monthly token limit",
+        }
+    }
+    pub fn is_daily(self) -> bool {
+        matches!(self, LimitKind::DailyRequests | LimitKind::DailyTokens)
+    }
+    pub fn limit(self, l: &Limits) -> Option<u64> {
+        match self {
+            LimitKind::DailyRequests => l.daily_requests,
+            LimitKind::MonthlyRequests => l.monthly_requests,
+            LimitKind::DailyTokens => l.daily_tokens,
+            LimitKind::MonthlyTokens => l.monthly_tokens,
+        }
+    }
+}
+
+/// Which bucket of a key: `d` + `YYYY-MM-DD` or `m` + `YYYY-MM`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BucketRef {
+    pub key_id: i64,
+    /// "day" or "month"
+    pub period: &'static str,
+    pub bucket: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdmitRequest {
+    pub key_id: i64,
+    pub day: String,
+    pub month: String,
+    pub limits: Limits,
+    pub prompt_tokens: u64,
+    pub lease_tokens: u64,
+    pub reservation_id: String,
+    /// When the reservation lapses unless a lease renews it.
+    pub expires_at_ms: i64,
+    pub now_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admit {
+    Granted { held: u64, day: Usage, month: Usage },
+    Rejected { limit: LimitKind, day: Usage, month: Usage },
+    /// These buckets are not in the hot store: seed them and try again.
+    Missing(Vec<BucketRef>),
+}
+
+/// Identifies a live reservation and the buckets it was admitted into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReservationRef {
+    pub key_id: i64,
+    pub id: String,
+    pub day: String,
+    pub month: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Charge {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Give the request back (upstream failed before any output).
+    pub refund_request: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("quota store unavailable: {0}")]
+pub struct StoreError(pub String);
+
+/// The hot quota state. Every method is one atomic step.
+pub trait QuotaStore: Send + Sync + 'static {
+    fn admit(&self, req: &AdmitRequest) -> impl Future<Output = Result<Admit, StoreError>> + Send;
+    /// Grow a reservation by up to `want` tokens; returns what was granted
+    /// (0 when the key has nothing left or the reservation has lapsed).
+    fn lease(
+        &self,
+        resv: &ReservationRef,
+        limits: &Limits,
+        want: u64,
+        expires_at_ms: i64,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Replace the reservation with the real usage. A lapsed reservation was
+    /// already charged what it held; settling it again changes nothing.
+    fn settle(&self, resv: &ReservationRef, charge: Charge) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Put a bucket's persisted totals in place if the bucket is missing.
+    fn seed(&self, bucket: &BucketRef, totals: Usage) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Current totals of a key's two buckets, `None` for a missing one.
+    fn usage(
+        &self,
+        key_id: i64,
+        day: &str,
+        month: &str,
+    ) -> impl Future<Output = Result<(Option<Usage>, Option<Usage>), StoreError>> + Send;
+    /// Charge lapsed reservations of every key (what they held).
+    fn expire(&self, now_ms: i64) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Buckets changed since the last call, with absolute totals, for the flusher.
+    fn take_dirty(&self) -> impl Future<Output = Result<Vec<(BucketRef, Usage)>, StoreError>> + Send;
+    /// Mark buckets dirty again after a failed flush.
+    fn mark_dirty(&self, buckets: &[BucketRef]) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Reachability, for `/readyz`.
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// The store in use; nothing outside `quota` needs to know which.
+#[derive(Clone)]
+pub enum Store {
+    Memory(Arc<memory::MemoryStore>),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            Store::Memory($s) => $e,
+        }
+    };
+}
+
+impl QuotaStore for Store {
+    async fn admit(&self, req: &AdmitRequest) -> Result<Admit, StoreError> {
+        dispatch!(self, s => s.admit(req).await)
+    }
+    async fn lease(&self, resv: &ReservationRef, limits: &Limits, want: u64, exp: i64) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.lease(resv, limits, want, exp).await)
+    }
+    async fn settle(&self, resv: &ReservationRef, charge: Charge) -> Result<(), StoreError> {
+        dispatch!(self, s => s.settle(resv, charge).await)
+    }
+    async fn seed(&self, bucket: &BucketRef, totals: Usage) -> Result<(), StoreError> {
+        dispatch!(self, s => s.seed(bucket, totals).await)
+    }
+    async fn usage(&self, key_id: i64, day: &str, month: &str) -> Result<(Option<Usage>, Option<Usage>), StoreError> {
+        dispatch!(self, s => s.usage(key_id, day, month).await)
+    }
+    async fn expire(&self, now_ms: i64) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.expire(now_ms).await)
+    }
+    async fn take_dirty(&self) -> Result<Vec<(BucketRef, Usage)>, StoreError> {
+        dispatch!(self, s => s.take_dirty().await)
+    }
+    async fn mark_dirty(&self, buckets: &[BucketRef]) -> Result<(), StoreError> {
+        dispatch!(self, s => s.mark_dirty(buckets).await)
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        dispatch!(self, s => s.ping().await)
+    }
+}
+
+/// Where persisted bucket totals come from when the hot store lacks them.
+pub trait Seeder: Send + Sync + 'static {
+    fn load(&self, bucket: &BucketRef) -> impl Future<Output = anyhow::Result<Usage>> + Send;
+}
+
+/// The outcome of an admission, as the request path sees it.
+#[derive(Debug)]
+pub enum Admission {
+    Granted(Reservation),
+    Rejected(Rejection),
+}
+
+#[derive(Debug, Clone)]
+pub struct Rejection {
+    pub limit: LimitKind,
+    pub limit_value: u64,
+    pub reset_at: DateTime<Utc>,
+    pub status: QuotaStatus,
+}
+
+/// Limits, usage and resets of both windows, for headers and `/v1/quota`.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuotaStatus {
+    pub limits: Limits,
+    pub day: Usage,
+    pub month: Usage,
+    pub day_bucket: String,
+    pub month_bucket: String,
+    pub day_start: DateTime<Utc>,
+    pub day_reset: DateTime<Utc>,
+    pub month_start: DateTime<Utc>,
+    pub month_reset: DateTime<Utc>,
+}
+
+/// One window's figures for the `x-ratelimit-*` headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset_at: DateTime<Utc>,
+}
+
+impl QuotaStatus {
+    fn window(&self, daily: Option<u64>, monthly: Option<u64>, used: impl Fn(&Usage) -> u64) -> Option<Window> {
+        let day = daily.map(|l| Window { limit: l, remaining: l.saturating_sub(used(&self.day)), reset_at: self.day_reset });
+        let month =
+            monthly.map(|l| Window { limit: l, remaining: l.saturating_sub(used(&self.month)), reset_at: self.month_reset });
+        match (day, month) {
+            (Some(d), Some(m)) => Some(if m.remaining < d.remaining { m } else { d }),
+            (d, m) => d.or(m),
+        }
+    }
+    /// The tightest request window (fewest remaining), if any is limited.
+    pub fn requests_window(&self) -> Option<Window> {
+        self.window(self.limits.daily_requests, self.limits.monthly_requests, Usage::net_requests)
+    }
+    /// The tightest token window, counting in-flight reservations.
+    pub fn tokens_window(&self) -> Option<Window> {
+        self.window(self.limits.daily_tokens, self.limits.monthly_tokens, Usage::committed_tokens)
+    }
+}
+
+/// A live reservation: what the relay meters against.
+#[derive(Debug)]
+pub struct Reservation {
+    pub resv: ReservationRef,
+    pub limits: Limits,
+    pub prompt_tokens: u64,
+    /// Tokens held: prompt + leases granted so far.
+    pub held: u64,
+    pub status: QuotaStatus,
+}
+
+#[derive(Clone)]
+pub struct Quota {
+    pub store: Store,
+    clock: Arc<dyn Clock>,
+    tz: Tz,
+    lease_tokens: u64,
+    ttl: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuotaError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("durable store unavailable: {0}")]
+    Seed(anyhow::Error),
+}
+
+impl Quota {
+    pub fn new(store: Store, clock: Arc<dyn Clock>, tz: Tz, lease_tokens: u64, ttl: Duration) -> Self {
+        Quota { store, clock, tz, lease_tokens, ttl }
+    }
+
+    pub fn tz(&self) -> Tz {
+        self.tz
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    pub fn periods(&self) -> Periods {
+        buckets::periods(self.clock.now(), self.tz)
+    }
+
+    fn expiry_ms(&self, now: DateTime<Utc>) -> i64 {
+        now.timestamp_millis() + self.ttl.as_millis() as i64
+    }
+
+    fn status(&self, limits: Limits, p: &Periods, day: Usage, month: Usage) -> QuotaStatus {
+        QuotaStatus {
+            limits,
+            day,
+            month,
+            day_bucket: p.day.clone(),
+            month_bucket: p.month.clone(),
+            day_start: p.day_start,
+            day_reset: p.day_reset,
+            month_start: p.month_start,
+            month_reset: p.month_reset,
+        }
+    }
+
+    async fn seed_missing(&self, seeder: &impl Seeder, missing: &[BucketRef]) -> Result<(), QuotaError> {
+        for b in missing {
+            let totals = seeder.load(b).await.map_err(QuotaError::Seed)?;
+            self.store.seed(b, totals).await?;
+        }
+        Ok(())
+    }
+
+    /// Admit one request of `prompt_tokens` for a key, in one atomic step.
+    pub async fn admit(
+        &self,
+        seeder: &impl Seeder,
+        key_id: i64,
+        limits: Limits,
+        prompt_tokens: u64,
+    ) -> Result<Admission, QuotaError> {
+        let now = self.clock.now();
+        let p = buckets::periods(now, self.tz);
+        let req = AdmitRequest {
+            key_id,
+            day: p.day.clone(),
+            month: p.month.clone(),
+            limits,
+            prompt_tokens,
+            lease_tokens: self.lease_tokens,
+            reservation_id: uuid::Uuid::new_v4().simple().to_string(),
+            expires_at_ms: self.expiry_ms(now),
+            now_ms: now.timestamp_millis(),
+        };
+        // A bucket can go missing again between seeding and admission (expiry,
+        // a Redis restart); a few rounds settle it.
+        for _ in 0..3 {
+            match self.store.admit(&req).await? {
+                Admit::Granted { held, day, month } => {
+                    return Ok(Admission::Granted(Reservation {
+                        resv: ReservationRef { key_id, id: req.reservation_id, day: req.day, month: req.month },
+                        limits,
+                        prompt_tokens,
+                        held,
+                        status: self.status(limits, &p, day, month),
+                    }))
+                }
+                Admit::Rejected { limit, day, month } => {
+                    let reset_at = if limit.is_daily() { p.day_reset } else { p.month_reset };
+                    return Ok(Admission::Rejected(Rejection {
+                        limit,
+                        limit_value: limit.limit(&limits).unwrap_or(0),
+                        reset_at,
+                        status: self.status(limits, &p, day, month),
+                    }));
+                }
+                Admit::Missing(missing) => self.seed_missing(seeder, &missing).await?,
+            }
+        }
+        Err(QuotaError::Store(StoreError("buckets kept disappearing during admission".into())))
+    }
+
+    /// Grow a reservation by at least `need` tokens (a whole lease when the
+    /// key has it). Returns the tokens granted.
+    pub async fn lease(&self, r: &mut Reservation, need: u64) -> Result<u64, StoreError> {
+        let want = need.max(self.lease_tokens);
+        let granted = self.store.lease(&r.resv, &r.limits, want, self.expiry_ms(self.clock.now())).await?;
+        r.held += granted;
+        Ok(granted)
+    }
+
+    pub async fn settle(&self, r: &Reservation, charge: Charge) -> Result<(), StoreError> {
+        self.store.settle(&r.resv, charge).await
+    }
+
+    /// Limits, usage and resets of a key right now (seeding what is missing).
+    pub async fn status_of(&self, seeder: &impl Seeder, key_id: i64, limits: Limits) -> Result<QuotaStatus, QuotaError> {
+        let p = self.periods();
+        for _ in 0..3 {
+            match self.store.usage(key_id, &p.day, &p.month).await? {
+                (Some(day), Some(month)) => return Ok(self.status(limits, &p, day, month)),
+                (day, month) => {
+                    let mut missing = Vec::new();
+                    if day.is_none() {
+                        missing.push(BucketRef { key_id, period: "day", bucket: p.day.clone() });
+                    }
+                    if month.is_none() {
+                        missing.push(BucketRef { key_id, period: "month", bucket: p.month.clone() });
+                    }
+                    self.seed_missing(seeder, &missing).await?;
+                }
+            }
+        }
+        Err(QuotaError::Store(StoreError("buckets kept disappearing".into())))
+    }
+}
