@@ -24,7 +24,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use llm_quota::tokens::{count_chat_prompt, count_generate_prompt, count_ollama_chunk, count_openai_chunk};
+use llm_quota::tokens::{
+    count_chat_prompt, count_generate_prompt, count_ollama_chunk, count_openai_chunk,
+};
 use rand::distributions::Alphanumeric;
 use rand::Rng;
 use serde_json::{json, Value};
@@ -42,9 +44,32 @@ pub const TOOL_ARGUMENT_FRAGMENTS: [&str; 3] = [r#"{""#, r#"city":""#, r#"Tokyo"
 const WAIT_LIMIT: Duration = Duration::from_secs(10);
 
 const WORDS: [&str; 26] = [
-    " alpha", " bravo", " charlie", " delta", " echo", " foxtrot", " golf", " hotel", " india", " juliett",
-    " kilo", " lima", " mike", " november", " oscar", " papa", " quebec", " romeo", " sierra", " tango",
-    " uniform", " victor", " whiskey", " xray", " yankee", " zulu",
+    " alpha",
+    " bravo",
+    " charlie",
+    " delta",
+    " echo",
+    " foxtrot",
+    " golf",
+    " hotel",
+    " india",
+    " juliett",
+    " kilo",
+    " lima",
+    " mike",
+    " november",
+    " oscar",
+    " papa",
+    " quebec",
+    " romeo",
+    " sierra",
+    " tango",
+    " uniform",
+    " victor",
+    " whiskey",
+    " xray",
+    " yankee",
+    " zulu",
 ];
 
 /// The `i`-th chunk of every text completion: "Hello", " alpha", " bravo", …
@@ -91,13 +116,20 @@ impl MockUpstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("mock upstream: cannot bind 127.0.0.1:0");
-        let addr = listener.local_addr().expect("mock upstream: no local address");
+        let addr = listener
+            .local_addr()
+            .expect("mock upstream: no local address");
         let state = Arc::new(MockState::default());
         let app = router(state.clone());
         tokio::spawn(async move {
-            axum::serve(listener, app).await.expect("mock upstream server failed");
+            axum::serve(listener, app)
+                .await
+                .expect("mock upstream server failed");
         });
-        MockUpstream { url: format!("http://{addr}"), state }
+        MockUpstream {
+            url: format!("http://{addr}"),
+            state,
+        }
     }
 }
 
@@ -220,11 +252,17 @@ impl MockState {
     }
 
     pub async fn wait_for_cancelled(&self, n: usize) {
-        self.wait_until(&format!("{n} cancelled stream(s)"), |s| s.cancelled_streams() >= n).await;
+        self.wait_until(&format!("{n} cancelled stream(s)"), |s| {
+            s.cancelled_streams() >= n
+        })
+        .await;
     }
 
     pub async fn wait_for_completed(&self, n: usize) {
-        self.wait_until(&format!("{n} completed stream(s)"), |s| s.completed_streams() >= n).await;
+        self.wait_until(&format!("{n} completed stream(s)"), |s| {
+            s.completed_streams() >= n
+        })
+        .await;
     }
 
     fn reply_tokens(&self) -> usize {
@@ -244,7 +282,9 @@ impl MockState {
     }
 
     fn record_request(&self, path: &str, headers: &HeaderMap, body: &[u8]) {
-        *lock(&self.requests_by_path).entry(path.to_owned()).or_insert(0) += 1;
+        *lock(&self.requests_by_path)
+            .entry(path.to_owned())
+            .or_insert(0) += 1;
         *lock(&self.last_headers) = headers.clone();
         if let Ok(v) = serde_json::from_slice::<Value>(body) {
             *lock(&self.last_body) = Some(v);
@@ -254,7 +294,11 @@ impl MockState {
     }
 
     fn record_stream_end(&self, completed: bool) {
-        let counter = if completed { &self.completed } else { &self.cancelled };
+        let counter = if completed {
+            &self.completed
+        } else {
+            &self.cancelled
+        };
         counter.fetch_add(1, Ordering::SeqCst);
         self.changed.notify_waiters();
     }
@@ -263,7 +307,10 @@ impl MockState {
 fn router(state: Arc<MockState>) -> Router {
     Router::new()
         .route("/", get(|| async { "Ollama is running" }))
-        .route("/api/version", get(|| async { Json(json!({"version": "0.12.3"})) }))
+        .route(
+            "/api/version",
+            get(|| async { Json(json!({"version": "0.12.3"})) }),
+        )
         .route("/api/tags", get(api_tags))
         .route("/api/chat", post(api_chat))
         .route("/api/generate", post(api_generate))
@@ -279,7 +326,9 @@ async fn observe(State(st): State<Arc<MockState>>, req: Request, next: Next) -> 
     let (parts, body) = req.into_parts();
     let body = match axum::body::to_bytes(body, usize::MAX).await {
         Ok(b) => b,
-        Err(e) => return (StatusCode::BAD_REQUEST, format!("cannot read body: {e}")).into_response(),
+        Err(e) => {
+            return (StatusCode::BAD_REQUEST, format!("cannot read body: {e}")).into_response()
+        }
     };
     st.record_request(parts.uri.path(), &parts.headers, &body);
     let delay = st.header_delay();
@@ -292,8 +341,20 @@ async fn observe(State(st): State<Arc<MockState>>, req: Request, next: Next) -> 
 // ---------------------------------------------------------------- metadata
 
 const MODELS: [(&str, &str, u64, &str, &str); 2] = [
-    ("llama3.2:latest", "llama", 2_019_393_189, "3.2B", "a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72"),
-    ("qwen3:8b", "qwen3", 5_225_388_164, "8.2B", "500a1f067a9f782620b40bee6f7b0c89e17ae61f686b92c24933e4ca4b2b8b41"),
+    (
+        "llama3.2:latest",
+        "llama",
+        2_019_393_189,
+        "3.2B",
+        "a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72",
+    ),
+    (
+        "qwen3:8b",
+        "qwen3",
+        5_225_388_164,
+        "8.2B",
+        "500a1f067a9f782620b40bee6f7b0c89e17ae61f686b92c24933e4ca4b2b8b41",
+    ),
 ];
 
 async fn api_tags() -> Json<Value> {
@@ -360,12 +421,16 @@ async fn api_generate(State(st): State<Arc<MockState>>, body: Bytes) -> Response
 }
 
 async fn v1_chat_completions(State(st): State<Arc<MockState>>, body: Bytes) -> Response {
-    let (req, model) = match accept(&st, Proto::OpenAi, &body) {
+    let (req, model) = match accept(&st, &body) {
         Ok(accepted) => accepted,
-        Err(resp) => return resp,
+        Err((status, message)) => return error_response(Proto::OpenAi, status, &message),
     };
     let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let include_usage = stream && req.pointer("/stream_options/include_usage").and_then(Value::as_bool) == Some(true);
+    let include_usage = stream
+        && req
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            == Some(true);
     let (reply, whole) = openai_reply(&st, &req, &model, include_usage);
     if stream {
         stream_response(&st, Proto::OpenAi, reply)
@@ -375,9 +440,9 @@ async fn v1_chat_completions(State(st): State<Arc<MockState>>, body: Bytes) -> R
 }
 
 async fn ollama_generation(st: &Arc<MockState>, ep: Endpoint, raw: &Bytes) -> Response {
-    let (req, model) = match accept(st, Proto::Ollama, raw) {
+    let (req, model) = match accept(st, raw) {
         Ok(accepted) => accepted,
-        Err(resp) => return resp,
+        Err((status, message)) => return error_response(Proto::Ollama, status, &message),
     };
     let reply = ollama_reply(st, ep, &req, &model);
     if req.get("stream").and_then(Value::as_bool).unwrap_or(true) {
@@ -389,20 +454,21 @@ async fn ollama_generation(st: &Arc<MockState>, ep: Endpoint, raw: &Bytes) -> Re
     }
 }
 
-/// Parses and validates a generation request; `Err` is the response to send.
-fn accept(st: &MockState, proto: Proto, raw: &[u8]) -> Result<(Value, String), Response> {
+/// Parses and validates a generation request; `Err` is the status and message
+/// to answer with.
+fn accept(st: &MockState, raw: &[u8]) -> Result<(Value, String), (StatusCode, String)> {
     let req: Value = serde_json::from_slice(raw)
-        .map_err(|e| error_response(proto, StatusCode::BAD_REQUEST, &format!("invalid JSON body: {e}")))?;
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))?;
     let model = match req.get("model").and_then(Value::as_str) {
         Some(m) if !m.is_empty() => m.to_owned(),
-        _ => return Err(error_response(proto, StatusCode::BAD_REQUEST, "model is required")),
+        _ => return Err((StatusCode::BAD_REQUEST, "model is required".to_owned())),
     };
     if model.starts_with("missing") {
-        return Err(error_response(proto, StatusCode::NOT_FOUND, &format!("model '{model}' not found")));
+        return Err((StatusCode::NOT_FOUND, format!("model '{model}' not found")));
     }
     if let Failure::Status(code) = st.failure() {
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return Err(error_response(proto, status, &format!("mock upstream failure ({code})")));
+        return Err((status, format!("mock upstream failure ({code})")));
     }
     Ok((req, model))
 }
@@ -440,11 +506,21 @@ fn cut(n: usize, limit: Option<i64>) -> (usize, &'static str) {
 fn first_tool_name(req: &Value) -> Option<String> {
     let tools = req.get("tools")?.as_array()?;
     let first = tools.first()?;
-    Some(first.pointer("/function/name").and_then(Value::as_str).unwrap_or("tool").to_owned())
+    Some(
+        first
+            .pointer("/function/name")
+            .and_then(Value::as_str)
+            .unwrap_or("tool")
+            .to_owned(),
+    )
 }
 
 fn random_id(len: usize) -> String {
-    rand::thread_rng().sample_iter(&Alphanumeric).take(len).map(char::from).collect()
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(len)
+        .map(char::from)
+        .collect()
 }
 
 fn now_rfc3339() -> String {
@@ -456,23 +532,40 @@ fn ollama_reply(st: &MockState, ep: Endpoint, req: &Value, model: &str) -> Reply
         Endpoint::Chat => count_chat_prompt(req),
         Endpoint::Generate => count_generate_prompt(req),
     };
-    if ep == Endpoint::Generate && req.get("prompt").and_then(Value::as_str).unwrap_or("").is_empty() {
+    if ep == Endpoint::Generate
+        && req
+            .get("prompt")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .is_empty()
+    {
         let last = json!({"model": model, "created_at": now_rfc3339(), "response": "", "done": true, "done_reason": "load"});
-        return Reply { head: vec![], body: vec![], tail: vec![last] };
+        return Reply {
+            head: vec![],
+            body: vec![],
+            tail: vec![last],
+        };
     }
     let piece = |content: &str| match ep {
         Endpoint::Chat => json!({
             "model": model, "created_at": now_rfc3339(),
             "message": {"role": "assistant", "content": content}, "done": false
         }),
-        Endpoint::Generate => json!({"model": model, "created_at": now_rfc3339(), "response": content, "done": false}),
+        Endpoint::Generate => {
+            json!({"model": model, "created_at": now_rfc3339(), "response": content, "done": false})
+        }
     };
 
-    let tool = if ep == Endpoint::Chat { first_tool_name(req) } else { None };
+    let tool = if ep == Endpoint::Chat {
+        first_tool_name(req)
+    } else {
+        None
+    };
     let (body, reason) = match tool {
         Some(name) => {
             let mut chunk = piece("");
-            let arguments: Value = serde_json::from_str(TOOL_ARGUMENTS).expect("TOOL_ARGUMENTS is JSON");
+            let arguments: Value =
+                serde_json::from_str(TOOL_ARGUMENTS).expect("TOOL_ARGUMENTS is JSON");
             chunk["message"]["tool_calls"] = json!([{
                 "id": format!("call_{}", random_id(8).to_lowercase()),
                 "function": {"index": 0, "name": name, "arguments": arguments}
@@ -515,12 +608,20 @@ fn ollama_reply(st: &MockState, ep: Endpoint, req: &Value, model: &str) -> Reply
             last[key] = json!(value);
         }
     }
-    Reply { head: vec![], body, tail: vec![last] }
+    Reply {
+        head: vec![],
+        body,
+        tail: vec![last],
+    }
 }
 
 /// The `stream: false` answer: the final chunk carrying the whole message.
 fn ollama_whole(ep: Endpoint, reply: Reply) -> Value {
-    let mut whole = reply.tail.into_iter().last().expect("an Ollama reply has a final chunk");
+    let mut whole = reply
+        .tail
+        .into_iter()
+        .last()
+        .expect("an Ollama reply has a final chunk");
     let text: String = reply
         .body
         .iter()
@@ -574,7 +675,10 @@ fn openai_reply(st: &MockState, req: &Value, model: &str, include_usage: bool) -
                 Value::Null,
             )];
             body.extend(TOOL_ARGUMENT_FRAGMENTS.iter().map(|fragment| {
-                chunk(json!({"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]}), Value::Null)
+                chunk(
+                    json!({"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]}),
+                    Value::Null,
+                )
             }));
             (vec![], body, "tool_calls")
         }
@@ -584,15 +688,25 @@ fn openai_reply(st: &MockState, req: &Value, model: &str, include_usage: bool) -
                 .or_else(|| req.get("max_tokens"))
                 .and_then(Value::as_i64);
             let (n, reason) = cut(st.reply_tokens(), limit);
-            let head = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
-            let body = (0..n).map(|i| chunk(json!({"content": reply_word(i)}), Value::Null)).collect();
+            let head = vec![chunk(
+                json!({"role": "assistant", "content": ""}),
+                Value::Null,
+            )];
+            let body = (0..n)
+                .map(|i| chunk(json!({"content": reply_word(i)}), Value::Null))
+                .collect();
             (head, body, reason)
         }
     };
     let mut tail = vec![chunk(json!({}), json!(reason))];
 
     let prompt_tokens = count_chat_prompt(req);
-    let completion_tokens: u64 = head.iter().chain(&body).chain(&tail).map(count_openai_chunk).sum();
+    let completion_tokens: u64 = head
+        .iter()
+        .chain(&body)
+        .chain(&tail)
+        .map(count_openai_chunk)
+        .sum();
     let usage = json!({
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -606,14 +720,22 @@ fn openai_reply(st: &MockState, req: &Value, model: &str, include_usage: bool) -
     }
 
     let mut message = json!({"role": "assistant", "content": null});
-    let deltas = head.iter().chain(&body).filter_map(|c| c.pointer("/choices/0/delta"));
+    let deltas = head
+        .iter()
+        .chain(&body)
+        .filter_map(|c| c.pointer("/choices/0/delta"));
     let mut text = String::new();
     let mut calls: Vec<Value> = Vec::new();
     for delta in deltas {
         if let Some(s) = delta.get("content").and_then(Value::as_str) {
             text.push_str(s);
         }
-        for call in delta.get("tool_calls").and_then(Value::as_array).into_iter().flatten() {
+        for call in delta
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             let index = call.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
             while calls.len() <= index {
                 calls.push(json!({"id": "", "type": "function", "function": {"name": "", "arguments": ""}}));
@@ -626,7 +748,10 @@ fn openai_reply(st: &MockState, req: &Value, model: &str, include_usage: bool) -
                 entry["function"]["name"] = name.clone();
             }
             if let Some(fragment) = call.pointer("/function/arguments").and_then(Value::as_str) {
-                let joined = format!("{}{fragment}", entry["function"]["arguments"].as_str().unwrap_or(""));
+                let joined = format!(
+                    "{}{fragment}",
+                    entry["function"]["arguments"].as_str().unwrap_or("")
+                );
                 entry["function"]["arguments"] = json!(joined);
             }
         }
@@ -685,7 +810,14 @@ fn stream_response(st: &Arc<MockState>, proto: Proto, reply: Reply) -> Response 
             });
         }
         Failure::None | Failure::Status(_) => {
-            frames.extend(reply.head.into_iter().chain(reply.body).chain(reply.tail).map(Frame::Json));
+            frames.extend(
+                reply
+                    .head
+                    .into_iter()
+                    .chain(reply.body)
+                    .chain(reply.tail)
+                    .map(Frame::Json),
+            );
             if proto == Proto::OpenAi {
                 frames.push(Frame::SseDone);
             }
@@ -700,7 +832,12 @@ fn stream_response(st: &Arc<MockState>, proto: Proto, reply: Reply) -> Response 
 }
 
 /// A non-streaming answer; it takes as long as the stream would have.
-async fn whole_response(st: &Arc<MockState>, proto: Proto, chunks: usize, whole: Value) -> Response {
+async fn whole_response(
+    st: &Arc<MockState>,
+    proto: Proto,
+    chunks: usize,
+    whole: Value,
+) -> Response {
     let delay = st.chunk_delay() * u32::try_from(chunks).unwrap_or(u32::MAX);
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -712,16 +849,22 @@ async fn whole_response(st: &Arc<MockState>, proto: Proto, chunks: usize, whole:
             "<html><body>Bad Gateway</body></html>",
         )
             .into_response(),
-        Failure::ErrorAfter(_) => {
-            error_response(proto, StatusCode::INTERNAL_SERVER_ERROR, "mock upstream failed mid-generation")
-        }
+        Failure::ErrorAfter(_) => error_response(
+            proto,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "mock upstream failed mid-generation",
+        ),
         Failure::ResetAfter(_) => {
             let text = whole.to_string().into_bytes();
             let half = Bytes::copy_from_slice(&text[..text.len() / 2]);
             Response::builder()
                 .status(StatusCode::OK)
                 .header(header::CONTENT_TYPE, "application/json")
-                .body(stream_body(st.clone(), proto, vec![Frame::Raw(half), Frame::Reset]))
+                .body(stream_body(
+                    st.clone(),
+                    proto,
+                    vec![Frame::Raw(half), Frame::Reset],
+                ))
                 .expect("static response parts are valid")
         }
         Failure::None | Failure::Status(_) => Json(whole).into_response(),
@@ -773,7 +916,11 @@ fn stream_body(state: Arc<MockState>, proto: Proto, frames: Vec<Frame>) -> Body 
         proto,
         delay: state.chunk_delay(),
         started: false,
-        guard: StreamGuard { state, finished: false, reset: false },
+        guard: StreamGuard {
+            state,
+            finished: false,
+            reset: false,
+        },
     };
     let stream = futures_util::stream::unfold(run, |mut run| async move {
         let frame = run.frames.pop_front()?;
@@ -793,7 +940,10 @@ fn stream_body(state: Arc<MockState>, proto: Proto, frames: Vec<Frame>) -> Body 
                 // output when the body fails), then abort.
                 tokio::task::yield_now().await;
                 run.guard.reset = true;
-                Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "mock upstream reset"))
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "mock upstream reset",
+                ))
             }
         };
         Some((item, run))

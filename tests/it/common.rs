@@ -1,0 +1,157 @@
+//! `TestApp`: the real application (what `main` starts) on port 0, with its
+//! own SQLite file (or PostgreSQL database), its own mock upstream and typed
+//! helpers for the admin API.
+
+use std::{collections::HashMap, sync::Arc};
+
+use llm_quota::{
+    config::Config,
+    quota::buckets::{Clock, SystemClock},
+    App, AppState,
+};
+use serde_json::{json, Value};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::mock::MockUpstream;
+
+pub const PASSWORD: &str = "test-admin-password";
+
+pub struct TestApp {
+    pub proxy: String,
+    pub admin: String,
+    pub state: AppState,
+    pub mock: MockUpstream,
+    pub http: reqwest::Client,
+    pub dir: tempfile::TempDir,
+    stop: CancellationToken,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+pub struct Options {
+    pub env: Vec<(String, String)>,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { env: Vec::new(), clock: Arc::new(SystemClock) }
+    }
+}
+
+impl Options {
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+    pub fn clock(mut self, c: Arc<dyn Clock>) -> Self {
+        self.clock = c;
+        self
+    }
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(Options::default()).await
+    }
+
+    pub async fn spawn_with(opts: Options) -> TestApp {
+        let mock = MockUpstream::start().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut env: HashMap<String, String> = [
+            ("PROXY_HOST", "127.0.0.1".to_string()),
+            ("PROXY_PORT", "0".into()),
+            ("ADMIN_PORT", "0".into()),
+            ("ADMIN_PASSWORD", PASSWORD.into()),
+            ("DATABASE_URL", format!("sqlite://{}/llm-quota.db", dir.path().display())),
+            ("LOG_FILE", format!("{}/usage.log", dir.path().display())),
+            ("OLLAMA_URL", mock.url.clone()),
+            ("DEFAULT_MODEL", "llama3.2:latest".into()),
+            // Tests flush explicitly; the timer must not race them.
+            ("FLUSH_INTERVAL", "1h".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        env.extend(opts.env);
+        let config = Config::from_map(&env).expect("test configuration is valid");
+        let app = App::build_with_clock(config, opts.clock).await.expect("app builds");
+        let proxy = format!("http://{}", app.proxy_addr);
+        let admin = format!("http://{}", app.admin_addr);
+        let state = app.state.clone();
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(app.run(stop.clone()));
+        TestApp { proxy, admin, state, mock, http: reqwest::Client::new(), dir, stop, handle: Some(handle) }
+    }
+
+    /// Stop as SIGTERM would, and wait until the app has finished.
+    pub async fn shutdown(&mut self) {
+        self.stop.cancel();
+        if let Some(h) = self.handle.take() {
+            h.await.expect("app task").expect("app shut down cleanly");
+        }
+    }
+
+    pub fn admin_req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.admin)).bearer_auth(PASSWORD)
+    }
+
+    pub async fn admin_json(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self.admin_req(method, path);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("admin request");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Create a key; returns (id, plaintext).
+    pub async fn create_key(&self, body: Value) -> (i64, String) {
+        let (status, v) = self.admin_json(reqwest::Method::POST, "/api/api-keys", Some(body)).await;
+        assert_eq!(status, 200, "create key failed: {v}");
+        (v["id"].as_i64().expect("id"), v["key"].as_str().expect("plaintext key").to_string())
+    }
+
+    pub async fn key(&self, name: &str) -> (i64, String) {
+        self.create_key(json!({"name": name})).await
+    }
+
+    /// The admin list's entry for a key.
+    pub async fn key_info(&self, id: i64) -> Value {
+        let (status, list) = self.admin_json(reqwest::Method::GET, "/api/api-keys", None).await;
+        assert_eq!(status, 200);
+        list.as_array().expect("list").iter().find(|k| k["id"] == id).cloned().expect("key listed")
+    }
+
+    pub fn post(&self, path: &str, key: &str, body: Value) -> reqwest::RequestBuilder {
+        self.http.post(format!("{}{path}", self.proxy)).bearer_auth(key).json(&body)
+    }
+
+    pub fn get(&self, path: &str, key: &str) -> reqwest::RequestBuilder {
+        self.http.get(format!("{}{path}", self.proxy)).bearer_auth(key)
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+pub fn chat(model: &str, text: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": text}]})
+}
+
+/// Parse an NDJSON body into its lines.
+pub fn ndjson(body: &str) -> Vec<Value> {
+    body.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).expect("NDJSON line is JSON")).collect()
+}
+
+/// Parse an SSE body into its data payloads (`[DONE]` kept as a string).
+pub fn sse(body: &str) -> Vec<Value> {
+    body.split("\n\n")
+        .filter_map(|ev| ev.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(|d| if d == "[DONE]" { Value::String(d.into()) } else { serde_json::from_str(d).expect("SSE data is JSON") })
+        .collect()
+}

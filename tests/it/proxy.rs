@@ -1,0 +1,418 @@
+//! The proxy listener: every endpoint, every auth outcome, streaming,
+//! cancellation, upstream failures and usage counting.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+use crate::{
+    common::{chat, ndjson, sse, Options, TestApp},
+    mock::{reply_text, Failure},
+};
+
+const MODEL: &str = "llama3.2:latest";
+
+async fn status_and_json(resp: reqwest::Response) -> (u16, Value) {
+    let s = resp.status().as_u16();
+    (s, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn missing_and_unknown_keys_get_401_in_each_protocol_and_never_reach_upstream() {
+    let app = TestApp::spawn().await;
+    let no_key = app.http.post(format!("{}/v1/chat/completions", app.proxy)).json(&chat(MODEL, "hi")).send().await.unwrap();
+    let (s, v) = status_and_json(no_key).await;
+    assert_eq!(s, 401);
+    assert_eq!(v["error"]["type"], "authentication_error", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("missing API key"));
+
+    let (s, v) = status_and_json(app.post("/api/chat", "sk-nope", chat(MODEL, "hi")).send().await.unwrap()).await;
+    assert_eq!(s, 401);
+    assert_eq!(v, json!({"error": "invalid API key"}));
+
+    for path in ["/api/tags", "/api/version", "/v1/models", "/v1/quota"] {
+        let s = app.get(path, "sk-nope").send().await.unwrap().status().as_u16();
+        assert_eq!(s, 401, "{path}");
+    }
+    assert_eq!(app.mock.state.requests(), 0, "a rejected request reached the upstream");
+}
+
+#[tokio::test]
+async fn inactive_and_expired_keys_get_403() {
+    let app = TestApp::spawn().await;
+    let (id, key) = app.key("team-a").await;
+    let (s, _) = app.admin_json(reqwest::Method::PUT, &format!("/api/api-keys/{id}/deactivate"), None).await;
+    assert_eq!(s, 200);
+    let (s, v) = status_and_json(app.post("/v1/chat/completions", &key, chat(MODEL, "hi")).send().await.unwrap()).await;
+    assert_eq!(s, 403);
+    assert_eq!(v["error"]["message"], "API key 'team-a' is deactivated");
+    assert_eq!(v["error"]["type"], "permission_error");
+
+    let (_, expired) = app.create_key(json!({"name": "old", "expires_at": "2020-01-01T00:00:00Z"})).await;
+    let (s, v) = status_and_json(app.post("/api/generate", &expired, json!({"model": MODEL, "prompt": "x"})).send().await.unwrap()).await;
+    assert_eq!(s, 403);
+    assert_eq!(v, json!({"error": "API key 'old' has expired"}));
+
+    // reactivated, the key works again at once (the cache was cleared)
+    app.admin_json(reqwest::Method::PUT, &format!("/api/api-keys/{id}/activate"), None).await;
+    let s = app.post("/v1/chat/completions", &key, chat(MODEL, "hi")).send().await.unwrap().status();
+    assert_eq!(s, 200);
+    assert_eq!(app.mock.state.requests(), 1);
+}
+
+#[tokio::test]
+async fn x_api_key_header_is_accepted() {
+    let app = TestApp::spawn().await;
+    let (_, key) = app.key("k").await;
+    let resp = app.http.get(format!("{}/api/tags", app.proxy)).header("x-api-key", &key).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn openai_non_stream_answer_has_the_upstream_shape_and_usage() {
+    let app = TestApp::spawn().await;
+    let (_, key) = app.key("k").await;
+    let (s, v) = status_and_json(app.post("/v1/chat/completions", &key, chat(MODEL, "Say hello")).send().await.unwrap()).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(v["choices"][0]["message"]["content"], reply_text(12));
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    // the gateway asked the upstream for a stream with usage
+    let sent = app.mock.state.last_body().unwrap();
+    assert_eq!(sent["stream"], true);
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+}
+
+#[tokio::test]
+async fn openai_stream_strips_the_usage_chunk_unless_asked() {
+    let app = TestApp::spawn().await;
+    let (_, key) = app.key("k").await;
+    let mut body = chat(MODEL, "hi");
+    body["stream"] = json!(true);
+    let resp = app.post("/v1/chat/completions", &key, body.clone()).send().await.unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let events = sse(&resp.text().await.unwrap());
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    assert!(events.iter().all(|e| e.get("choices").map_or(true, |c| !c.as_array().unwrap().is_empty())), "usage chunk leaked: {events:?}");
+    let text: String = events.iter().filter_map(|e| e["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, reply_text(12));
+
+    body["stream_options"] = json!({"include_usage": true});
+    let events = sse(&app.post("/v1/chat/completions", &key, body).send().await.unwrap().text().await.unwrap());
+    let usage = &events[events.len() - 2];
+    assert_eq!(usage["choices"], json!([]));
+    assert!(usage["usage"]["total_tokens"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test]
+async fn openai_tool_calls_pass_through_in_both_modes() {
+    let app = TestApp::spawn().await;
+    let (_, key) = app.key("k").await;
+    let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+        "properties": {"city": {"type": "string"}}}}}]);
+    let mut body = chat(MODEL, "Weather in Tokyo?");
+    body["tools"] = tools;
+    body["tool_choice"] = json!("auto");
+    let (_, v) = status_and_json(app.post("/v1/chat/completions", &key, body.clone()).send().await.unwrap()).await;
+    let call = &v["choices"][0]["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "get_weather");
+    assert_eq!(serde_json::from_str::<Value>(call["function"]["arguments"].as_str().unwrap()).unwrap(), json!({"city": "Tokyo"}));
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(app.mock.state.last_body().unwrap()["tool_choice"], "auto", "tool_choice forwarded");
+
+    body["stream"] = json!(true);
+    let events = sse(&app.post("/v1/chat/completions", &key, body).send().await.unwrap().text().await.unwrap());
+    let args: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str())
+        .collect();
+    assert_eq!(serde_json::from_str::<Value>(&args).unwrap(), json!({"city": "Tokyo"}));
+}
+
+#[tokio::test]
+async fn ollama_chat_streams_ndjson_and_assembles_non_stream() {
+    let app = TestApp::spawn().await;
+    let (_, key) = app.key("k").await;
+    let resp = app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap();
+    assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
+    let lines = ndjson(&resp.text().await.unwrap());
+    let last = lines.last().unwrap();
+    assert_eq!(last["done"], true);
+    assert_eq!(last["done_reason"], "stop");
+    assert!(last["eval_count"].as_u64().unwrap() > 0 && last["prompt_eval_count"].as_u64().unwrap() > 0);
+    let text: String = lines.iter().filter_map(|l| l["message"]["content"].as_str()).collect();
+    assert_eq!(text, reply_text(12));
+
+    let mut body = chat(MODEL, "hi");
+    body["stream"] = json!(false);
+    let (s, v) = status_and_json(app.post("/api/chat", &key, body).send().await.unwrap()).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["message"]["content"], reply_text(12));
+    assert_eq!(v["message"]["role"], "assistant");
+    assert_eq!(v["done"], true);
+    assert!(v["total_duration"].as_u64().is_some());
+    assert_eq!(v["eval_count"], last["eval_count"]);
+}
+
+#[tokio::test]
+async fn ollama_tool_call_arguments_stay_objects() {
+    let app = TestApp::spawn().await;
+    let (_, key) = app.key("k").await;
+    let mut body = chat(MODEL, "Weather?");
+    body["tools"] = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]);
+    body["stream"] = json!(false);
+    let (_, v) = status_and_json(app.post("/api/chat", &key, body).send().await.unwrap()).await;
+    assert_eq!(v["message"]["tool_calls"][0]["function"]["arguments"], json!({"city": "Tokyo"}));
+}
+
+#[tokio::test]
+async fn ollama_generate_both_modes() {
+    let app = TestApp::spawn().await;
+    let (_, key) = app.key("k").await;
+    let lines = ndjson(&app.post("/api/generate", &key, json!({"model": MODEL, "prompt": "Hi"})).send().await.unwrap().text().await.unwrap());
+    let text: String = lines.iter().filter_map(|l| l["response"].as_str()).collect();
+    assert_eq!(text, reply_text(12));
+    let (s, v) = status_and_json(app.post("/api/generate", &key, json!({"model": MODEL, "prompt": "Hi", "stream": false})).send().await.unwrap()).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["response"], reply_text(12));
+    assert_eq!(v["context"], json!([1, 2, 3]), "final fields of the upstream kept");
+}
+
+#[tokio::test]
+async fn metadata_endpoints_pass_through() {
+    let app = TestApp::spawn().await;
+    let (_, key) = app.key("k").await;
+    let (s, tags) = status_and_json(app.get("/api/tags", &key).send().await.unwrap()).await;
+    assert_eq!(s, 200);
+    assert_eq!(tags["models"][0]["name"], "llama3.2:latest");
+    for path in ["/api/version", "/api/versions"] {
+        let (s, v) = status_and_json(app.get(path, &key).send().await.unwrap()).await;
+        assert_eq!((s, v), (200, json!({"version": "0.12.3"})), "{path}");
+    }
+    let (s, models) = status_and_json(app.get("/v1/models", &key).send().await.unwrap()).await;
+    assert_eq!(s, 200);
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], "llama3.2:latest");
+}
+
+#[tokio::test]
+async fn missing_model_takes_the_default_from_settings() {
+    let app = TestApp::spawn().await;
+    let (_, key) = app.key("k").await;
+    app.admin_json(reqwest::Method::PUT, "/api/settings", Some(json!({"default_model": "qwen3:8b"}))).await;
+    let s = app.post("/api/generate", &key, json!({"prompt": "Hi", "stream": false})).send().await.unwrap().status();
+    assert_eq!(s, 200);
+    assert_eq!(app.mock.state.last_body().unwrap()["model"], "qwen3:8b");
+}
+
+#[tokio::test]
+async fn malformed_requests_get_400_in_protocol_and_never_reach_upstream() {
+    let app = TestApp::spawn().await;
+    let (_, key) = app.key("k").await;
+    let raw = |path: &str, body: &'static str| {
+        app.http.post(format!("{}{path}", app.proxy)).bearer_auth(&key).header("content-type", "application/json").body(body)
+    };
+    let (s, v) = status_and_json(raw("/v1/chat/completions", "{not json").send().await.unwrap()).await;
+    assert_eq!(s, 400);
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    let (s, v) = status_and_json(raw("/api/chat", "[1,2]").send().await.unwrap()).await;
+    assert_eq!(s, 400);
+    assert_eq!(v["error"], "request body must be a JSON object");
+    let (s, v) = status_and_json(raw("/v1/chat/completions", r#"{"model": 5, "messages": []}"#).send().await.unwrap()).await;
+    assert_eq!(s, 400);
+    assert_eq!(v["error"]["param"], "model");
+    let (s, v) = status_and_json(raw("/v1/chat/completions", r#"{"model": "m"}"#).send().await.unwrap()).await;
+    assert_eq!((s, v["error"]["param"].as_str()), (400, Some("messages")));
+    let (s, v) = status_and_json(raw("/api/generate", r#"{"prompt": 7}"#).send().await.unwrap()).await;
+    assert_eq!((s, v["error"].as_str()), (400, Some("'prompt' must be a string")));
+    let (s, _) = status_and_json(raw("/api/chat", r#"{"messages": [], "stream": "yes"}"#).send().await.unwrap()).await;
+    assert_eq!(s, 400);
+    assert_eq!(app.mock.state.requests(), 0);
+}
+
+#[tokio::test]
+async fn huge_bodies_get_413_in_protocol() {
+    let app = TestApp::spawn_with(Options::default().env("MAX_BODY_BYTES", "1024")).await;
+    let (_, key) = app.key("k").await;
+    let big = "x".repeat(4096);
+    let (s, v) = status_and_json(app.post("/v1/chat/completions", &key, chat(MODEL, &big)).send().await.unwrap()).await;
+    assert_eq!(s, 413);
+    assert_eq!(v["error"]["code"], "request_too_large");
+    let (s, v) = status_and_json(app.post("/api/chat", &key, chat(MODEL, &big)).send().await.unwrap()).await;
+    assert_eq!(s, 413);
+    assert!(v["error"].is_string());
+}
+
+#[tokio::test]
+async fn streams_are_relayed_as_they_arrive_not_buffered() {
+    let app = TestApp::spawn().await;
+    let (_, key) = app.key("k").await;
+    app.mock.state.set_chunk_delay(Duration::from_millis(150));
+    let resp = app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap();
+    let mut body = resp.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    let line: Value = serde_json::from_slice(first.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    assert_eq!(line["message"]["content"], "Hello");
+    assert_eq!(app.mock.state.completed_streams(), 0, "the first chunk arrived only after the upstream had finished");
+    while body.next().await.is_some() {}
+    app.mock.state.wait_for_completed(1).await;
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_cancels_the_upstream_and_is_charged_for_what_was_produced() {
+    let app = TestApp::spawn().await;
+    let (id, key) = app.key("k").await;
+    app.mock.state.set_chunk_delay(Duration::from_millis(100));
+    app.mock.state.set_reply_tokens(200);
+    let resp = app.post("/v1/chat/completions", &key, json!({"model": MODEL, "stream": true,
+        "messages": [{"role": "user", "content": "long"}]})).send().await.unwrap();
+    let mut body = resp.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    drop(body);
+    app.mock.state.wait_for_cancelled(1).await;
+    assert_eq!(app.mock.state.completed_streams(), 0);
+    app.state.tasks.close();
+    app.state.tasks.wait().await;
+    let info = app.key_info(id).await;
+    assert_eq!(info["requests_today"], 1);
+    let used = info["tokens_used_today"].as_u64().unwrap();
+    assert!(used > 0 && used < 200, "charged {used} tokens for a stream cut short");
+}
+
+#[tokio::test]
+async fn upstream_unreachable_is_502_and_refunded() {
+    let app = TestApp::spawn().await;
+    let (id, key) = app.key("k").await;
+    app.admin_json(reqwest::Method::PUT, "/api/settings", Some(json!({"ollama_url": "http://127.0.0.1:9"}))).await;
+    let (s, v) = status_and_json(app.post("/v1/chat/completions", &key, chat(MODEL, "hi")).send().await.unwrap()).await;
+    assert_eq!(s, 502);
+    assert_eq!(v["error"]["type"], "api_error");
+    let (s, v) = status_and_json(app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap()).await;
+    assert_eq!((s, v), (502, json!({"error": "upstream unreachable"})));
+    let info = app.key_info(id).await;
+    assert_eq!((info["requests_today"].as_u64(), info["tokens_used_today"].as_u64()), (Some(0), Some(0)));
+}
+
+#[tokio::test]
+async fn upstream_timeout_is_504_and_refunded() {
+    let app = TestApp::spawn_with(Options::default().env("UPSTREAM_TIMEOUT", "300ms")).await;
+    let (id, key) = app.key("k").await;
+    app.mock.state.set_header_delay(Duration::from_secs(5));
+    let (s, v) = status_and_json(app.post("/api/generate", &key, json!({"model": MODEL, "prompt": "x"})).send().await.unwrap()).await;
+    assert_eq!((s, v), (504, json!({"error": "upstream timed out"})));
+    assert_eq!(app.key_info(id).await["requests_today"], 0);
+}
+
+#[tokio::test]
+async fn upstream_errors_pass_through_with_status_and_body() {
+    let app = TestApp::spawn().await;
+    let (id, key) = app.key("k").await;
+    let (s, v) = status_and_json(app.post("/api/chat", &key, chat("missing", "hi")).send().await.unwrap()).await;
+    assert_eq!((s, v), (404, json!({"error": "model 'missing' not found"})));
+    let (s, v) = status_and_json(app.post("/v1/chat/completions", &key, chat("missing", "hi")).send().await.unwrap()).await;
+    assert_eq!(s, 404);
+    assert_eq!(v["error"]["type"], "not_found_error");
+    // a 4xx counts as a request, with no tokens
+    let info = app.key_info(id).await;
+    assert_eq!((info["requests_today"].as_u64(), info["tokens_used_today"].as_u64()), (Some(2), Some(0)));
+
+    app.mock.state.set_failure(Failure::Status(500));
+    let (s, _) = status_and_json(app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap()).await;
+    assert_eq!(s, 500);
+    assert_eq!(app.key_info(id).await["requests_today"], 2, "a 5xx is refunded");
+}
+
+#[tokio::test]
+async fn an_error_mid_stream_is_passed_on_and_charged_for_what_was_delivered() {
+    let app = TestApp::spawn().await;
+    let (id, key) = app.key("k").await;
+    app.mock.state.set_failure(Failure::ErrorAfter(3));
+    let lines = ndjson(&app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap().text().await.unwrap());
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert!(lines[3]["error"].is_string());
+    app.state.tasks.close();
+    app.state.tasks.wait().await;
+    let info = app.key_info(id).await;
+    assert_eq!(info["requests_today"], 1);
+    assert!(info["tokens_used_today"].as_u64().unwrap() > 0);
+
+    // before any output: refunded, and a non-stream client gets a 502 in its protocol
+    app.mock.state.set_failure(Failure::ErrorAfter(0));
+    let (s, v) = status_and_json(app.post("/v1/chat/completions", &key, chat(MODEL, "hi")).send().await.unwrap()).await;
+    assert_eq!(s, 502);
+    assert_eq!(v["error"]["type"], "api_error");
+    assert_eq!(app.key_info(id).await["requests_today"], 1);
+}
+
+#[tokio::test]
+async fn usage_is_persisted_per_bucket_and_per_request() {
+    let mut app = TestApp::spawn().await;
+    let (id, key) = app.key("k").await;
+    let (_, v) = status_and_json(app.post("/v1/chat/completions", &key, chat(MODEL, "hi")).send().await.unwrap()).await;
+    let expected = v["usage"]["total_tokens"].as_u64().unwrap();
+    let lines = ndjson(&app.post("/api/generate", &key, json!({"model": MODEL, "prompt": "Hi"})).send().await.unwrap().text().await.unwrap());
+    let last = lines.last().unwrap();
+    let expected = expected + last["prompt_eval_count"].as_u64().unwrap() + last["eval_count"].as_u64().unwrap();
+    app.state.tasks.close();
+    app.state.tasks.wait().await;
+    let info = app.key_info(id).await;
+    assert_eq!(info["tokens_used_today"].as_u64(), Some(expected));
+    assert_eq!(info["tokens_used_month"].as_u64(), Some(expected));
+    assert_eq!(info["requests_month"], 2);
+
+    app.shutdown().await; // persists usage
+    let db = llm_quota::store::Db::connect(&format!("sqlite://{}/llm-quota.db", app.dir.path().display())).await.unwrap();
+    let (n, p, c) = db.event_totals(id).await.unwrap();
+    assert_eq!((n, p + c), (2, expected));
+    let periods = llm_quota::quota::buckets::periods(chrono::Utc::now(), chrono_tz::Europe::Berlin);
+    let day = db.load_bucket(&llm_quota::quota::BucketRef { key_id: id, period: "day", bucket: periods.day }).await.unwrap();
+    assert_eq!((day.requests, day.tokens()), (2, expected));
+    let log = std::fs::read_to_string(app.dir.path().join("usage.log")).unwrap();
+    assert_eq!(log.lines().count(), 2, "one usage-log line per request");
+    assert!(!log.contains(&key), "the usage log must not contain the key");
+}
+
+#[tokio::test]
+async fn health_and_readiness_on_both_listeners() {
+    let app = TestApp::spawn().await;
+    for base in [&app.proxy, &app.admin] {
+        let r = app.http.get(format!("{base}/healthz")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let (s, v) = status_and_json(app.http.get(format!("{base}/readyz")).send().await.unwrap()).await;
+        assert_eq!(s, 200);
+        assert_eq!(v["status"], "ready");
+    }
+}
+
+#[tokio::test]
+async fn shutdown_lets_an_in_flight_stream_finish_and_persists_its_usage() {
+    let mut app = TestApp::spawn().await;
+    let (id, key) = app.key("k").await;
+    app.mock.state.set_chunk_delay(Duration::from_millis(30));
+    let resp = app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap();
+    let mut body = resp.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    let reader = tokio::spawn(async move {
+        let mut rest = Vec::new();
+        while let Some(Ok(b)) = body.next().await {
+            rest.extend_from_slice(&b);
+        }
+        String::from_utf8(rest).unwrap()
+    });
+    app.shutdown().await;
+    let rest = reader.await.unwrap();
+    let last = ndjson(&rest).pop().unwrap();
+    assert_eq!(last["done"], true, "stream completed during shutdown");
+    let db = llm_quota::store::Db::connect(&format!("sqlite://{}/llm-quota.db", app.dir.path().display())).await.unwrap();
+    assert_eq!(db.event_totals(id).await.unwrap().0, 1);
+}
+
+#[tokio::test]
+async fn official_python_clients_work_through_the_gateway() {
+    let app = TestApp::spawn().await;
+    let (_, key) = app.key("python").await;
+    crate::mock::run_python_clients(&format!("{}/v1", app.proxy), &app.proxy, &key, MODEL).await;
+}
