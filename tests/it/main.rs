@@ -4,3 +4,4 @@ mod common;
 mod mock;
 mod mock_selftest;
 mod proxy;
+mod quota_suite;
