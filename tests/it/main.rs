@@ -4,4 +4,5 @@ mod common;
 mod mock;
 mod mock_selftest;
 mod proxy;
+mod quota;
 mod quota_suite;
