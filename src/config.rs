@@ -52,6 +52,8 @@ pub struct Config {
     pub log_file: Option<String>,
     pub allowed_origins: Vec<String>,
     pub redis_url: Option<String>,
+    pub redis_prefix: String,
+    pub redis_timeout: Duration,
     pub lease_tokens: u64,
     pub reservation_ttl: Duration,
     pub flush_interval: Duration,
@@ -196,6 +198,14 @@ impl Config {
                 .raw("ALLOWED_ORIGINS")
                 .map(|s| s.split(',').map(|o| o.trim().to_string()).filter(|o| !o.is_empty()).collect())
                 .unwrap_or_default(),
+            redis_prefix: env.parse("REDIS_PREFIX", "lq".into(), |s| {
+                if s.chars().all(|c| c.is_ascii_alphanumeric() || "-_:.".contains(c)) {
+                    Ok(s.to_string())
+                } else {
+                    Err("use letters, digits and - _ : . only".into())
+                }
+            })?,
+            redis_timeout: env.parse("REDIS_TIMEOUT", Duration::from_millis(250), parse_duration)?,
             lease_tokens: env.parse("LEASE_TOKENS", 256, |s| match s.parse::<u64>() {
                 Ok(n) if n > 0 => Ok(n),
                 _ => Err("expected a positive number of tokens".into()),

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod proxy;
 pub mod quota;
 pub mod store;
@@ -34,6 +35,7 @@ use crate::{
         buckets::{Clock, SystemClock},
         flush::{EventSink, Flusher},
         memory::MemoryStore,
+        redis::RedisStore,
         BucketRef, Quota, QuotaStore, Seeder, Store, Usage,
     },
     store::{settings, Db},
@@ -80,6 +82,7 @@ pub struct AppState {
     pub tasks: TaskTracker,
     flusher: Arc<tokio::sync::Mutex<Flusher>>,
     proxy_port: Arc<std::sync::atomic::AtomicU16>,
+    cluster_events: Option<Arc<events::ClusterEvents>>,
 }
 
 impl Seeder for Db {
@@ -89,8 +92,17 @@ impl Seeder for Db {
 }
 
 impl AppState {
-    /// An admin changed keys or settings: forget cached copies.
+    /// An admin changed keys or settings: forget cached copies here, and
+    /// tell every other replica (cluster mode).
     pub async fn admin_changed(&self) {
+        self.evict_caches().await;
+        if let Some(events) = &self.cluster_events {
+            events.publish().await;
+        }
+    }
+
+    /// Forget cached keys and settings.
+    pub async fn evict_caches(&self) {
         self.keys.clear();
         if let Err(e) = self.settings.reload(&self.db, &self.config).await {
             tracing::error!(error = %e, "could not reload settings");
@@ -141,7 +153,14 @@ impl App {
         if config.migrate_on_start {
             db.migrate().await?;
         }
-        let store = Store::Memory(Arc::new(MemoryStore::new()));
+        let store = match &config.redis_url {
+            None => Store::Memory(Arc::new(MemoryStore::new())),
+            Some(url) => Store::Redis(Arc::new(
+                RedisStore::connect(url, &config.redis_prefix, config.redis_timeout, config.reservation_ttl)
+                    .await
+                    .context("connecting to Redis (REDIS_URL)")?,
+            )),
+        };
         let quota = Quota::new(store, clock, config.app_tz, config.lease_tokens, config.reservation_ttl);
         let (generated_password, admin_password) = match &config.admin_password {
             Some(p) => (None, p.clone()),
@@ -168,6 +187,7 @@ impl App {
             .await
             .with_context(|| format!("binding the admin to {}:{}", config.admin_host, config.admin_port))?;
         let proxy_addr = proxy.local_addr()?;
+        let (config_redis, config_prefix) = (config.redis_url.clone(), config.redis_prefix.clone());
         let state = AppState {
             http: proxy::upstream::client(&config),
             keys: Arc::new(KeyCache::new(config.key_cache_ttl)),
@@ -180,6 +200,10 @@ impl App {
             tasks: TaskTracker::new(),
             flusher,
             proxy_port: Arc::new(proxy_addr.port().into()),
+            cluster_events: match &config_redis {
+                Some(url) => Some(Arc::new(events::ClusterEvents::new(url, &config_prefix)?)),
+                None => None,
+            },
         };
         Ok(App { proxy_addr, admin_addr: admin.local_addr()?, generated_password, state, proxy, admin })
     }
@@ -208,6 +232,7 @@ impl App {
         let admin_app: Router = admin::router(state.clone()).layer(cors);
         let flush_stop = CancellationToken::new();
         let flusher = tokio::spawn(quota::flush::run(state.flusher.clone(), state.config.flush_interval, flush_stop.clone()));
+        let listener = state.cluster_events.clone().map(|ev| tokio::spawn(ev.listen(state.clone(), flush_stop.clone())));
 
         let serve = |listener: TcpListener, app: Router| {
             let stop = stop.clone();
@@ -233,6 +258,9 @@ impl App {
         }
         flush_stop.cancel();
         flusher.await.context("flusher task")?;
+        if let Some(l) = listener {
+            let _ = l.await;
+        }
         Ok(())
     }
 }

@@ -25,6 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use self::relay::{Dialect, RelayJob, Sink};
 use crate::{
+    config::FailureMode,
     error::{ApiError, Protocol},
     quota::{buckets::local_display, Admission, Charge, QuotaStatus, Reservation, Window},
     store::{keys::KeyRecord, usage::UsageEvent},
@@ -180,11 +181,14 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
     let (mut body, prompt_tokens) = count_prompt(dialect, parsed.body, bytes.len()).await;
     drop(bytes);
 
-    let admission = state
-        .quota
-        .admit(&state.db, key.id, key.limits, prompt_tokens)
-        .await
-        .map_err(|e| ApiError::dependency("quota store", e))?;
+    let admission = match state.quota.admit(&state.db, key.id, key.limits, prompt_tokens).await {
+        Ok(a) => a,
+        Err(e) if state.config.quota_failure_mode == FailureMode::Open => {
+            tracing::warn!(error = %e, key_id = key.id, "quota store unavailable; serving unmetered (QUOTA_FAILURE_MODE=open)");
+            Admission::Granted(state.quota.unenforced(key.id, key.limits, prompt_tokens))
+        }
+        Err(e) => return Err(ApiError::dependency("quota store", e)),
+    };
     let reservation = match admission {
         Admission::Granted(r) => r,
         Admission::Rejected(rej) => {

@@ -55,8 +55,9 @@ impl Flusher {
     /// One round; returns an error when something is left for the next.
     pub async fn flush(&mut self) -> anyhow::Result<()> {
         let now = self.quota.now().timestamp_millis();
-        self.quota.store.expire(now).await?;
-        let dirty = self.quota.store.take_dirty().await?;
+        let key_ids: Vec<i64> = self.db.list_keys().await?.iter().map(|k| k.id).collect();
+        self.quota.store.expire(now, &key_ids).await?;
+        let dirty = self.quota.store.take_dirty(&key_ids).await?;
         if let Err(e) = self.db.upsert_buckets(&dirty).await {
             let refs: Vec<_> = dirty.into_iter().map(|(r, _)| r).collect();
             self.quota.store.mark_dirty(&refs).await?;

@@ -193,13 +193,13 @@ impl QuotaStore for MemoryStore {
         Ok((get(day_ref(key_id, day)), get(month_ref(key_id, month))))
     }
 
-    async fn expire(&self, now_ms: i64) -> Result<u64, StoreError> {
+    async fn expire(&self, now_ms: i64, _key_ids: &[i64]) -> Result<u64, StoreError> {
         let mut g = self.inner()?;
         let keys: Vec<i64> = g.reservations.keys().copied().collect();
         Ok(keys.into_iter().map(|k| g.expire_key(k, now_ms)).sum())
     }
 
-    async fn take_dirty(&self) -> Result<Vec<(BucketRef, Usage)>, StoreError> {
+    async fn take_dirty(&self, _key_ids: &[i64]) -> Result<Vec<(BucketRef, Usage)>, StoreError> {
         let mut g = self.inner()?;
         Ok(g.buckets
             .iter_mut()

@@ -21,6 +21,7 @@
 pub mod buckets;
 pub mod flush;
 pub mod memory;
+pub mod redis;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -169,10 +170,11 @@ pub trait QuotaStore: Send + Sync + 'static {
         day: &str,
         month: &str,
     ) -> impl Future<Output = Result<(Option<Usage>, Option<Usage>), StoreError>> + Send;
-    /// Charge lapsed reservations of every key (what they held).
-    fn expire(&self, now_ms: i64) -> impl Future<Output = Result<u64, StoreError>> + Send;
-    /// Buckets changed since the last call, with absolute totals, for the flusher.
-    fn take_dirty(&self) -> impl Future<Output = Result<Vec<(BucketRef, Usage)>, StoreError>> + Send;
+    /// Charge lapsed reservations (what they held) of these keys.
+    fn expire(&self, now_ms: i64, key_ids: &[i64]) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Buckets of these keys changed since the last call, with absolute
+    /// totals, for the flusher.
+    fn take_dirty(&self, key_ids: &[i64]) -> impl Future<Output = Result<Vec<(BucketRef, Usage)>, StoreError>> + Send;
     /// Mark buckets dirty again after a failed flush.
     fn mark_dirty(&self, buckets: &[BucketRef]) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Reachability, for `/readyz`.
@@ -183,12 +185,14 @@ pub trait QuotaStore: Send + Sync + 'static {
 #[derive(Clone)]
 pub enum Store {
     Memory(Arc<memory::MemoryStore>),
+    Redis(Arc<redis::RedisStore>),
 }
 
 macro_rules! dispatch {
     ($self:ident, $s:ident => $e:expr) => {
         match $self {
             Store::Memory($s) => $e,
+            Store::Redis($s) => $e,
         }
     };
 }
@@ -209,11 +213,11 @@ impl QuotaStore for Store {
     async fn usage(&self, key_id: i64, day: &str, month: &str) -> Result<(Option<Usage>, Option<Usage>), StoreError> {
         dispatch!(self, s => s.usage(key_id, day, month).await)
     }
-    async fn expire(&self, now_ms: i64) -> Result<u64, StoreError> {
-        dispatch!(self, s => s.expire(now_ms).await)
+    async fn expire(&self, now_ms: i64, key_ids: &[i64]) -> Result<u64, StoreError> {
+        dispatch!(self, s => s.expire(now_ms, key_ids).await)
     }
-    async fn take_dirty(&self) -> Result<Vec<(BucketRef, Usage)>, StoreError> {
-        dispatch!(self, s => s.take_dirty().await)
+    async fn take_dirty(&self, key_ids: &[i64]) -> Result<Vec<(BucketRef, Usage)>, StoreError> {
+        dispatch!(self, s => s.take_dirty(key_ids).await)
     }
     async fn mark_dirty(&self, buckets: &[BucketRef]) -> Result<(), StoreError> {
         dispatch!(self, s => s.mark_dirty(buckets).await)
@@ -294,6 +298,9 @@ pub struct Reservation {
     /// Tokens held: prompt + leases granted so far.
     pub held: u64,
     pub status: QuotaStatus,
+    /// False when the quota store was down and `QUOTA_FAILURE_MODE=open`
+    /// let the request through unmetered.
+    pub enforced: bool,
 }
 
 #[derive(Clone)]
@@ -388,6 +395,7 @@ impl Quota {
                         prompt_tokens,
                         held,
                         status: self.status(limits, &p, day, month),
+                        enforced: true,
                     }))
                 }
                 Admit::Rejected { limit, day, month } => {
@@ -408,6 +416,10 @@ impl Quota {
     /// Grow a reservation by at least `need` tokens (a whole lease when the
     /// key has it). Returns the tokens granted.
     pub async fn lease(&self, r: &mut Reservation, need: u64) -> Result<u64, StoreError> {
+        if !r.enforced {
+            r.held += need;
+            return Ok(need);
+        }
         let want = need.max(self.lease_tokens);
         let granted = self.store.lease(&r.resv, &r.limits, want, self.expiry_ms(self.clock.now())).await?;
         r.held += granted;
@@ -415,7 +427,25 @@ impl Quota {
     }
 
     pub async fn settle(&self, r: &Reservation, charge: Charge) -> Result<(), StoreError> {
+        if !r.enforced {
+            return Ok(());
+        }
         self.store.settle(&r.resv, charge).await
+    }
+
+    /// A pass for a request admitted without the quota store
+    /// (`QUOTA_FAILURE_MODE=open` during an outage): nothing is reserved or
+    /// charged in the hot store; the usage event still records it.
+    pub fn unenforced(&self, key_id: i64, limits: Limits, prompt_tokens: u64) -> Reservation {
+        let p = self.periods();
+        Reservation {
+            resv: ReservationRef { key_id, id: uuid::Uuid::new_v4().simple().to_string(), day: p.day.clone(), month: p.month.clone() },
+            limits,
+            prompt_tokens,
+            held: prompt_tokens,
+            status: self.status(Limits::default(), &p, Usage::default(), Usage::default()),
+            enforced: false,
+        }
     }
 
     /// Limits, usage and resets of a key right now (seeding what is missing).

@@ -155,3 +155,123 @@ pub fn sse(body: &str) -> Vec<Value> {
         .map(|d| if d == "[DONE]" { Value::String(d.into()) } else { serde_json::from_str(d).expect("SSE data is JSON") })
         .collect()
 }
+
+/// A fresh PostgreSQL database and a unique Redis prefix, shared by the
+/// replicas of one test; both are removed when dropped.
+pub struct Cluster {
+    pub redis_url: String,
+    pub prefix: String,
+    pub database_url: String,
+    admin_url: String,
+    db_name: String,
+}
+
+pub fn test_redis_url() -> String {
+    std::env::var("LQ_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
+}
+
+pub fn test_postgres_url() -> String {
+    std::env::var("LQ_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+impl Cluster {
+    pub async fn new() -> Cluster {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let admin_url = format!("{}/postgres", test_postgres_url());
+        let db_name = format!("lq_test_{}", &id[..16]);
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url).await.expect("PostgreSQL reachable for tests");
+        sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {db_name}").as_str()).await.expect("create test database");
+        Cluster {
+            redis_url: test_redis_url(),
+            prefix: format!("lqtest-{}", &id[..12]),
+            database_url: format!("{}/{db_name}", test_postgres_url()),
+            admin_url,
+            db_name,
+        }
+    }
+
+    /// Options for one replica (point REDIS_URL / DATABASE_URL elsewhere, e.g.
+    /// through a `TcpProxy`, by overriding).
+    pub fn options(&self) -> Options {
+        Options::default()
+            .env("REDIS_URL", &self.redis_url)
+            .env("REDIS_PREFIX", &self.prefix)
+            .env("DATABASE_URL", &self.database_url)
+            .env("MIGRATE_ON_START", "true")
+    }
+
+    pub async fn db(&self) -> llm_quota::store::Db {
+        llm_quota::store::Db::connect(&self.database_url).await.expect("test database")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let (admin_url, db_name, redis_url, prefix) =
+            (self.admin_url.clone(), self.db_name.clone(), self.redis_url.clone(), self.prefix.clone());
+        // Cleanup needs async I/O but Drop is sync: a short-lived runtime on its own thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                if let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url).await {
+                    let _ = sqlx::Executor::execute(&mut conn, format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)").as_str()).await;
+                }
+                if let Ok(client) = redis::Client::open(redis_url) {
+                    if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+                        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut c).await.unwrap_or_default();
+                        if !keys.is_empty() {
+                            let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(keys).query_async(&mut c).await;
+                        }
+                    }
+                }
+            })
+        })
+        .join();
+    }
+}
+
+/// A TCP forwarder in front of a real service, to cut it off and bring it
+/// back (an outage without stopping the shared server).
+pub struct TcpProxy {
+    pub addr: std::net::SocketAddr,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl TcpProxy {
+    pub async fn start(target: &str) -> TcpProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let conns = Arc::new(std::sync::Mutex::new(Vec::<tokio::task::AbortHandle>::new()));
+        let (up2, conns2, target) = (up.clone(), conns.clone(), target.to_string());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !up2.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let target = target.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                conns2.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        TcpProxy { addr, up, conns }
+    }
+
+    /// Refuse new connections and break the open ones.
+    pub fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}

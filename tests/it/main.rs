@@ -1,5 +1,6 @@
 //! One integration-test binary (one link step); modules per area.
 mod admin;
+mod cluster;
 mod common;
 mod mock;
 mod mock_selftest;

@@ -302,7 +302,7 @@ async fn sixty_four_mixed_clients_never_overshoot_the_limits() {
     assert!(used <= 3000, "charged {used} tokens > limit 3000");
     assert!(requests <= 100, "charged {requests} requests > limit 100");
     assert_eq!(requests, admitted, "every admitted request is charged once");
-    assert!(used > 2500, "the key was actually driven to its limit ({used})");
+    assert!(requests == 100 || used > 2500, "the key was driven to one of its limits ({requests} requests, {used} tokens)");
     let periods = app.state.quota.periods();
     let (d, _) = app.state.quota.store.usage(id, &periods.day, &periods.month).await.unwrap();
     assert_eq!(d.unwrap().reserved, 0, "no reservation left behind");

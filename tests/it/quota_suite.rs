@@ -183,8 +183,8 @@ pub async fn lapsed_reservations_are_charged_what_they_held<S: QuotaStore>(s: S)
     seed_fresh(&s, 1).await;
     let l = tokens(Some(10_000), None);
     admit_ok(&s, &req(1, "a", l, 10)).await; // holds 266, lapses at NOW + 60 s
-    assert_eq!(s.expire(NOW + 30_000).await.unwrap(), 0);
-    assert_eq!(s.expire(NOW + 61_000).await.unwrap(), 1);
+    assert_eq!(s.expire(NOW + 30_000, &[1]).await.unwrap(), 0);
+    assert_eq!(s.expire(NOW + 61_000, &[1]).await.unwrap(), 1);
     let (d, _) = usage(&s, 1).await;
     assert_eq!((d.reserved, d.prompt_tokens, d.completion_tokens), (0, 10, 256));
     // the late settle of a lapsed reservation changes nothing, and it cannot lease
@@ -198,8 +198,8 @@ pub async fn a_lease_renews_the_reservation<S: QuotaStore>(s: S) {
     let l = Limits::default();
     admit_ok(&s, &req(1, "a", l, 10)).await;
     s.lease(&resv(1, "a"), &l, 1, NOW + 120_000).await.unwrap();
-    assert_eq!(s.expire(NOW + 61_000).await.unwrap(), 0, "renewed by the lease");
-    assert_eq!(s.expire(NOW + 121_000).await.unwrap(), 1);
+    assert_eq!(s.expire(NOW + 61_000, &[1]).await.unwrap(), 0, "renewed by the lease");
+    assert_eq!(s.expire(NOW + 121_000, &[1]).await.unwrap(), 1);
 }
 
 pub async fn admission_sweeps_lapsed_reservations_of_the_key<S: QuotaStore>(s: S) {
@@ -226,15 +226,15 @@ pub async fn usage_is_charged_to_the_buckets_of_admission<S: QuotaStore>(s: S) {
 
 pub async fn dirty_buckets_are_handed_out_once_and_again_after_a_failed_flush<S: QuotaStore>(s: S) {
     seed_fresh(&s, 1).await;
-    assert!(s.take_dirty().await.unwrap().is_empty(), "seeding is not a change");
+    assert!(s.take_dirty(&[1]).await.unwrap().is_empty(), "seeding is not a change");
     admit_ok(&s, &req(1, "a", Limits::default(), 10)).await;
-    let dirty = s.take_dirty().await.unwrap();
+    let dirty = s.take_dirty(&[1]).await.unwrap();
     assert_eq!(dirty.len(), 2);
     assert!(dirty.iter().all(|(_, u)| u.requests == 1));
-    assert!(s.take_dirty().await.unwrap().is_empty());
+    assert!(s.take_dirty(&[1]).await.unwrap().is_empty());
     let refs: Vec<_> = dirty.into_iter().map(|(r, _)| r).collect();
     s.mark_dirty(&refs).await.unwrap();
-    assert_eq!(s.take_dirty().await.unwrap().len(), 2);
+    assert_eq!(s.take_dirty(&[1]).await.unwrap().len(), 2);
 }
 
 pub async fn keys_do_not_share_buckets<S: QuotaStore>(s: S) {
@@ -330,3 +330,15 @@ macro_rules! quota_suite {
 }
 
 quota_suite!(memory_store, async { llm_quota::quota::memory::MemoryStore::new() });
+
+quota_suite!(redis_store, async {
+    let prefix = format!("lqsuite-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    llm_quota::quota::redis::RedisStore::connect(
+        &crate::common::test_redis_url(),
+        &prefix,
+        std::time::Duration::from_millis(500),
+        std::time::Duration::from_secs(60),
+    )
+    .await
+    .expect("Redis reachable for tests (scripts/test.sh starts it)")
+});

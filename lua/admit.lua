@@ -1,0 +1,34 @@
+-- admit: ARGV[3] reservation id, [4] day, [5] month, [6] prompt, [7] lease,
+-- [8] expires_ms, [9..12] limits day-req, month-req, day-tok, month-tok
+-- (-1 = unlimited), [13] reservation hash ttl ms.
+-- Returns {0, day missing, month missing} | {1, limit 1..4, day[5], month[5]}
+--       | {2, held, day[5], month[5]}.
+local id, day, month = ARGV[3], ARGV[4], ARGV[5]
+local prompt, lease, expires = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local lim_dr, lim_mr, lim_dt, lim_mt = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
+sweep()
+local dk, mk = bucket_key('d', day), bucket_key('m', month)
+local dmiss, mmiss = 1 - redis.call('EXISTS', dk), 1 - redis.call('EXISTS', mk)
+if dmiss + mmiss > 0 then return {0, dmiss, mmiss} end
+local du, mu = read(dk), read(mk)
+local broken = 0
+if lim_dr >= 0 and du[1] - du[2] + 1 > lim_dr then broken = 1
+elseif lim_mr >= 0 and mu[1] - mu[2] + 1 > lim_mr then broken = 2
+elseif lim_dt >= 0 and committed(du) + prompt > lim_dt then broken = 3
+elseif lim_mt >= 0 and committed(mu) + prompt > lim_mt then broken = 4
+end
+if broken > 0 then
+  return {1, broken, du[1], du[2], du[3], du[4], du[5], mu[1], mu[2], mu[3], mu[4], mu[5]}
+end
+local room = headroom(lim_dt, lim_mt, du, mu)
+if room >= 0 then lease = math.min(lease, room - prompt) end
+local held = prompt + lease
+for _, k in ipairs({dk, mk}) do
+  redis.call('HINCRBY', k, 'req', 1)
+  redis.call('HINCRBY', k, 'rsv', held)
+end
+redis.call('SADD', DIRTY, 'd|' .. day, 'm|' .. month)
+redis.call('HSET', RESV, id, encode(day, month, prompt, held, expires))
+redis.call('PEXPIRE', RESV, ARGV[13])
+du, mu = read(dk), read(mk)
+return {2, held, du[1], du[2], du[3], du[4], du[5], mu[1], mu[2], mu[3], mu[4], mu[5]}

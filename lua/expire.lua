@@ -1,0 +1,2 @@
+-- expire: charge the key's lapsed reservations. Returns how many.
+return sweep()

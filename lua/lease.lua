@@ -1,0 +1,19 @@
+-- lease: ARGV[3] reservation id, [4] tokens wanted, [5] new expires_ms,
+-- [6] day token limit, [7] month token limit (-1 = unlimited),
+-- [8] reservation hash ttl ms. Returns the tokens granted.
+local v = redis.call('HGET', RESV, ARGV[3])
+if not v then return 0 end
+local d, m, p, h = decode(v)
+local want, lim_dt, lim_mt = tonumber(ARGV[4]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local dk, mk = bucket_key('d', d), bucket_key('m', m)
+local room = headroom(lim_dt, lim_mt, read(dk), read(mk))
+local granted = want
+if room >= 0 then granted = math.min(want, room) end
+if granted > 0 then
+  for _, k in ipairs({dk, mk}) do
+    if redis.call('EXISTS', k) == 1 then redis.call('HINCRBY', k, 'rsv', granted) end
+  end
+end
+redis.call('HSET', RESV, ARGV[3], encode(d, m, p, h + granted, tonumber(ARGV[5])))
+redis.call('PEXPIRE', RESV, ARGV[8])
+return granted

@@ -1,0 +1,239 @@
+//! Cluster mode: replicas on the real Redis and PostgreSQL. Three replicas
+//! under 64 clients, admin changes across replicas, seeding after Redis
+//! loses data, Redis and PostgreSQL outages, and migrations.
+
+use std::{sync::Arc, time::Duration};
+
+use futures_util::StreamExt;
+use llm_quota::quota::{BucketRef, QuotaStore};
+use serde_json::{json, Value};
+
+use crate::common::{chat, Cluster, TcpProxy, TestApp};
+
+const MODEL: &str = "llama3.2:latest";
+
+async fn replicas(cluster: &Cluster, n: usize) -> Vec<TestApp> {
+    let first = TestApp::spawn_with(cluster.options().env("LEASE_TOKENS", "8")).await;
+    let mut all = vec![];
+    let url = first.mock.url.clone();
+    all.push(first);
+    for _ in 1..n {
+        // one upstream for all, migrations only by the first
+        let opts = cluster.options().env("MIGRATE_ON_START", "false").env("OLLAMA_URL", &url).env("LEASE_TOKENS", "8");
+        all.push(TestApp::spawn_with(opts).await);
+    }
+    all
+}
+
+async fn settle_all(apps: &[TestApp]) {
+    for a in apps {
+        a.state.tasks.close();
+        a.state.tasks.wait().await;
+        a.state.tasks.reopen();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_enforce_one_key_exactly_and_the_stores_agree() {
+    let cluster = Cluster::new().await;
+    let apps = Arc::new(replicas(&cluster, 3).await);
+    apps[0].mock.state.set_reply_tokens(40);
+    let (id, key) = apps[0].create_key(json!({"name": "shared", "daily_token_limit": 3000, "daily_request_limit": 90})).await;
+    let mut tasks = Vec::new();
+    for i in 0..64usize {
+        let (apps, key) = (apps.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut ok = 0u64;
+            for round in 0..3usize {
+                let app = &apps[(i + round) % 3];
+                let (path, mut body) = match (i + round) % 3 {
+                    0 => ("/v1/chat/completions", chat(MODEL, "hello there")),
+                    1 => ("/api/chat", chat(MODEL, "hello there")),
+                    _ => ("/api/generate", json!({"model": MODEL, "prompt": "hello there"})),
+                };
+                body["stream"] = json!(i % 2 == 0);
+                let resp = app.post(path, &key, body).send().await.unwrap();
+                let status = resp.status().as_u16();
+                assert!(status == 200 || status == 429, "unexpected status {status}: {}", resp.text().await.unwrap_or_default());
+                if status == 200 {
+                    ok += 1;
+                    if i % 5 == 0 {
+                        let mut s = resp.bytes_stream();
+                        let _ = s.next().await;
+                    } else {
+                        let _ = resp.bytes().await;
+                    }
+                }
+            }
+            ok
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += t.await.unwrap();
+    }
+    settle_all(&apps).await;
+    for a in apps.iter() {
+        a.state.flush().await.expect("flush");
+    }
+    let periods = apps[0].state.quota.periods();
+    let (redis_day, _) = apps[0].state.quota.store.usage(id, &periods.day, &periods.month).await.unwrap();
+    let redis_day = redis_day.unwrap();
+    assert!(redis_day.net_requests() <= 90, "requests {} > 90", redis_day.net_requests());
+    assert!(redis_day.tokens() <= 3000, "tokens {} > 3000", redis_day.tokens());
+    assert_eq!(redis_day.net_requests(), admitted);
+    assert_eq!(redis_day.reserved, 0);
+    assert!(
+        redis_day.net_requests() == 90 || redis_day.tokens() > 2500,
+        "the key was driven to one of its limits ({} requests, {} tokens)",
+        redis_day.net_requests(),
+        redis_day.tokens()
+    );
+
+    let db = cluster.db().await;
+    let pg_day = db.load_bucket(&BucketRef { key_id: id, period: "day", bucket: periods.day.clone() }).await.unwrap();
+    assert_eq!(pg_day, redis_day, "PostgreSQL holds what Redis holds after a flush");
+    let (events, p, c) = db.event_totals(id).await.unwrap();
+    assert_eq!((events, p + c), (redis_day.net_requests(), redis_day.tokens()), "usage_events add up to the buckets");
+}
+
+#[tokio::test]
+async fn admin_changes_reach_every_replica_within_a_second() {
+    let cluster = Cluster::new().await;
+    let apps = replicas(&cluster, 2).await;
+    let (id, key) = apps[0].key("k").await;
+    assert_eq!(apps[1].get("/api/tags", &key).send().await.unwrap().status(), 200); // cached on replica 1
+    apps[0].admin_json(reqwest::Method::PUT, &format!("/api/api-keys/{id}/deactivate"), None).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        let s = apps[1].get("/api/tags", &key).send().await.unwrap().status();
+        if s == 403 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "replica 1 still accepts a deactivated key after 1 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    apps[0].admin_json(reqwest::Method::PUT, "/api/settings", Some(json!({"default_model": "qwen3:8b"}))).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while apps[1].state.settings.get().default_model != "qwen3:8b" {
+        assert!(tokio::time::Instant::now() < deadline, "settings did not reach replica 1 within 1 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // the admin API of either replica shows the same keys: no replica-local state
+    let (_, a) = apps[0].admin_json(reqwest::Method::GET, "/api/api-keys", None).await;
+    let (_, b) = apps[1].admin_json(reqwest::Method::GET, "/api/api-keys", None).await;
+    assert_eq!(a, b);
+}
+
+#[tokio::test]
+async fn a_bucket_lost_in_redis_is_seeded_from_postgres() {
+    let cluster = Cluster::new().await;
+    let app = TestApp::spawn_with(cluster.options()).await;
+    let (_, key) = app.create_key(json!({"name": "k", "daily_request_limit": 3})).await;
+    let send = || async { app.post("/api/generate", &key, json!({"model": MODEL, "prompt": "x", "stream": false})).send().await.unwrap().status().as_u16() };
+    assert_eq!(send().await, 200);
+    assert_eq!(send().await, 200);
+    app.state.flush().await.unwrap();
+    // Redis forgets everything of this test
+    let client = redis::Client::open(cluster.redis_url.clone()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{}:*", cluster.prefix)).query_async(&mut c).await.unwrap();
+    assert!(!keys.is_empty());
+    let _: i64 = redis::cmd("DEL").arg(&keys).query_async(&mut c).await.unwrap();
+    assert_eq!(send().await, 200, "the third request of three fits");
+    assert_eq!(send().await, 429, "the two before the wipe were remembered");
+}
+
+#[tokio::test]
+async fn redis_down_means_503_in_bounded_time_and_recovery_without_restart() {
+    let cluster = Cluster::new().await;
+    let redis = TcpProxy::start(cluster.redis_url.trim_start_matches("redis://").trim_end_matches('/')).await;
+    let app = TestApp::spawn_with(cluster.options().env("REDIS_URL", &format!("redis://{}/", redis.addr))).await;
+    let (_, key) = app.key("k").await;
+    assert_eq!(app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap().status(), 200);
+    redis.cut();
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let resp = client.post(format!("{}/v1/chat/completions", app.proxy)).bearer_auth(&key).json(&chat(MODEL, "hi")).send().await.expect("answered, not hung");
+    assert_eq!(resp.status(), 503);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "api_error");
+    assert_eq!(v["error"]["message"], "quota store unavailable, try again shortly");
+    let resp = client.post(format!("{}/api/chat", app.proxy)).bearer_auth(&key).json(&chat(MODEL, "hi")).send().await.expect("answered");
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.json::<Value>().await.unwrap(), json!({"error": "quota store unavailable, try again shortly"}));
+    let ready = app.http.get(format!("{}/readyz", app.proxy)).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert_eq!(app.mock.state.requests(), 1, "nothing reached the upstream unmetered");
+    redis.restore();
+    assert_eq!(app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn quota_failure_mode_open_serves_unmetered_while_redis_is_down() {
+    let cluster = Cluster::new().await;
+    let redis = TcpProxy::start(cluster.redis_url.trim_start_matches("redis://").trim_end_matches('/')).await;
+    let app = TestApp::spawn_with(
+        cluster.options().env("REDIS_URL", &format!("redis://{}/", redis.addr)).env("QUOTA_FAILURE_MODE", "open"),
+    )
+    .await;
+    let (_, key) = app.key("k").await;
+    redis.cut();
+    let resp = app.post("/api/chat", &key, json!({"model": MODEL, "stream": false, "messages": [{"role": "user", "content": "hi"}]})).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.json::<Value>().await.unwrap()["done"], true);
+}
+
+#[tokio::test]
+async fn postgres_down_keeps_cached_keys_serving_and_loses_no_usage() {
+    let cluster = Cluster::new().await;
+    let pg_addr = crate::common::test_postgres_url().rsplit('@').next().unwrap().to_string();
+    let pg = TcpProxy::start(&pg_addr).await;
+    let db_name = cluster.database_url.rsplit('/').next().unwrap().to_string();
+    let via_proxy = format!("postgres://postgres@{}/{db_name}", pg.addr);
+    let app = TestApp::spawn_with(cluster.options().env("DATABASE_URL", &via_proxy)).await;
+    let (id, key) = app.key("k").await;
+    let body = json!({"model": MODEL, "prompt": "x", "stream": false});
+    assert_eq!(app.post("/api/generate", &key, body.clone()).send().await.unwrap().status(), 200);
+    pg.cut();
+    for _ in 0..3 {
+        assert_eq!(app.post("/api/generate", &key, body.clone()).send().await.unwrap().status(), 200, "a cached key keeps working");
+    }
+    settle_all(std::slice::from_ref(&app)).await;
+    assert!(app.state.flush().await.is_err(), "the flush cannot reach PostgreSQL");
+    pg.restore();
+    let mut flushed = false;
+    for _ in 0..50 {
+        // the pool notices the broken connections and reconnects
+        if app.state.flush().await.is_ok() {
+            flushed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(flushed, "the flush caught up after PostgreSQL came back");
+    let db = cluster.db().await;
+    let periods = app.state.quota.periods();
+    let pg_day = db.load_bucket(&BucketRef { key_id: id, period: "day", bucket: periods.day.clone() }).await.unwrap();
+    assert_eq!(pg_day.requests, 4);
+    let (redis_day, _) = app.state.quota.store.usage(id, &periods.day, &periods.month).await.unwrap();
+    assert_eq!(pg_day.tokens(), redis_day.unwrap().tokens());
+    assert_eq!(db.event_totals(id).await.unwrap().0, 4, "no usage event was lost");
+}
+
+#[tokio::test]
+async fn the_migrate_subcommand_prepares_a_database() {
+    let cluster = Cluster::new().await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_llm-quota"))
+        .arg("migrate")
+        .env("DATABASE_URL", &cluster.database_url)
+        .env("LOG_FILE", "off")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let db = cluster.db().await;
+    assert!(db.list_keys().await.unwrap().is_empty(), "api_keys exists after `llm-quota migrate`");
+    // a replica that must not migrate starts against the prepared database
+    let app = TestApp::spawn_with(cluster.options().env("MIGRATE_ON_START", "false")).await;
+    app.key("k").await;
+}
