@@ -34,5 +34,12 @@ if ! .venv/bin/python -c 'import openai, ollama' >/dev/null 2>&1; then
   .venv/bin/pip install -q --disable-pip-version-check -r tests/python/requirements.txt
 fi
 
+# Static checks of the Dockerfile, compose file and Helm chart (no engine here).
+if ! .venv/bin/python -c 'import yaml, jsonschema' >/dev/null 2>&1; then
+  .venv/bin/pip install -q --disable-pip-version-check -r tests/deploy/requirements.txt
+fi
+say "deployment files (tests/deploy/check.py)"
+.venv/bin/python tests/deploy/check.py
+
 say "cargo test"
 cargo test --locked "$@"

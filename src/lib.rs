@@ -8,6 +8,7 @@ pub mod admin;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod metrics;
 pub mod proxy;
 pub mod quota;
 pub mod store;
@@ -124,23 +125,33 @@ pub async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
+/// Ready = able to serve: the quota store answers (or `QUOTA_FAILURE_MODE=open`).
+/// A database outage is reported (`degraded`) but keeps the replica in
+/// rotation: cached keys keep working and usage is flushed when it returns.
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let db = state.db.ping().await.map_err(|e| e.to_string());
+    let db = tokio::time::timeout(Duration::from_secs(2), state.db.ping()).await;
+    let db = db.map_err(|_| "timed out".to_string()).and_then(|r| r.map_err(|e| e.to_string()));
     let quota = state.quota.store.ping().await.map_err(|e| e.to_string());
-    let ok = db.is_ok() && quota.is_ok();
+    let ready = quota.is_ok() || state.config.quota_failure_mode == config::FailureMode::Open;
     let show = |r: &Result<(), String>| r.as_ref().map_or_else(|e| format!("error: {e}"), |_| "ok".to_string());
-    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({"status": if ok { "ready" } else { "unavailable" }, "database": show(&db), "quota_store": show(&quota)})))
+    let (status, word) = match (ready, db.is_ok() && quota.is_ok()) {
+        (true, true) => (StatusCode::OK, "ready"),
+        (true, false) => (StatusCode::OK, "degraded"),
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+    };
+    (status, Json(json!({"status": word, "database": show(&db), "quota_store": show(&quota)})))
 }
 
 pub struct App {
     pub state: AppState,
     pub proxy_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
     /// Set when `ADMIN_PASSWORD` was not given and one was generated.
     pub generated_password: Option<String>,
     proxy: TcpListener,
     admin: TcpListener,
+    metrics: TcpListener,
 }
 
 impl App {
@@ -186,6 +197,10 @@ impl App {
         let admin = TcpListener::bind((config.admin_host, config.admin_port))
             .await
             .with_context(|| format!("binding the admin to {}:{}", config.admin_host, config.admin_port))?;
+        let metrics = TcpListener::bind((config.proxy_host, config.metrics_port))
+            .await
+            .with_context(|| format!("binding metrics to {}:{}", config.proxy_host, config.metrics_port))?;
+        metrics::handle();
         let proxy_addr = proxy.local_addr()?;
         let (config_redis, config_prefix) = (config.redis_url.clone(), config.redis_prefix.clone());
         let state = AppState {
@@ -205,7 +220,16 @@ impl App {
                 None => None,
             },
         };
-        Ok(App { proxy_addr, admin_addr: admin.local_addr()?, generated_password, state, proxy, admin })
+        Ok(App {
+            proxy_addr,
+            admin_addr: admin.local_addr()?,
+            metrics_addr: metrics.local_addr()?,
+            generated_password,
+            state,
+            proxy,
+            admin,
+            metrics,
+        })
     }
 
     fn cors(&self) -> CorsLayer {
@@ -227,9 +251,16 @@ impl App {
         let state = self.state.clone();
         let cors = self.cors();
         let proxy_app: Router = proxy::router(state.clone())
+            .route_layer(axum::middleware::from_fn(|req, next| metrics::track_http("proxy", req, next)))
             .layer(axum::extract::DefaultBodyLimit::max(state.config.max_body_bytes))
+            .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(state.config.body_timeout))
             .layer(cors.clone());
-        let admin_app: Router = admin::router(state.clone()).layer(cors);
+        let admin_app: Router = admin::router(state.clone())
+            .route_layer(axum::middleware::from_fn(|req, next| metrics::track_http("admin", req, next)))
+            .layer(cors);
+        let metrics_app: Router = Router::new()
+            .route("/metrics", axum::routing::get(metrics::render))
+            .route("/healthz", axum::routing::get(healthz));
         let flush_stop = CancellationToken::new();
         let flusher = tokio::spawn(quota::flush::run(state.flusher.clone(), state.config.flush_interval, flush_stop.clone()));
         let listener = state.cluster_events.clone().map(|ev| tokio::spawn(ev.listen(state.clone(), flush_stop.clone())));
@@ -244,11 +275,13 @@ impl App {
         };
         let proxy_task = serve(self.proxy, proxy_app);
         let admin_task = serve(self.admin, admin_app);
+        let metrics_task = serve(self.metrics, metrics_app);
         stop.cancelled().await;
         let grace = state.config.shutdown_grace;
         let drained = tokio::time::timeout(grace, async {
             let _ = proxy_task.await;
             let _ = admin_task.await;
+            let _ = metrics_task.await;
             state.tasks.close();
             state.tasks.wait().await;
         })

@@ -18,11 +18,42 @@ fn bpe() -> &'static CoreBPE {
     cl100k_base_singleton()
 }
 
-pub fn count_text(text: &str) -> u64 {
-    if text.is_empty() {
-        return 0;
+/// Texts are tokenised in pieces: BPE merging is quadratic in the length
+/// of one "word", and a hostile prompt can be a single 16 MiB word. Pieces
+/// end just before whitespace once they pass `PIECE` bytes (exact for
+/// ordinary text, where tokens never span whitespace that way), and a run
+/// without whitespace is cut every `RUN` bytes (counted in parts: such runs
+/// are not language). Cost is linear in the text.
+const PIECE: usize = 8 * 1024;
+const RUN: usize = 128;
+
+fn pieces(text: &str) -> impl Iterator<Item = &str> {
+    let mut start = 0;
+    let mut run_start = 0;
+    let mut cuts = Vec::new();
+    for (i, c) in text.char_indices() {
+        if c.is_whitespace() {
+            if i - start >= PIECE {
+                cuts.push((start, i));
+                start = i;
+            }
+            run_start = i + c.len_utf8();
+        } else if i - run_start >= RUN {
+            cuts.push((start, i));
+            start = i;
+            run_start = i;
+        }
     }
-    bpe().encode_ordinary(text).len() as u64
+    cuts.push((start, text.len()));
+    cuts.into_iter().filter(|(a, b)| b > a).map(move |(a, b)| &text[a..b])
+}
+
+pub fn count_text(text: &str) -> u64 {
+    if text.len() <= RUN {
+        // a stream chunk: the common case on the hot path
+        return bpe().encode_ordinary(text).len() as u64;
+    }
+    pieces(text).map(|p| bpe().encode_ordinary(p).len() as u64).sum()
 }
 
 fn count_value_text(v: Option<&Value>) -> u64 {
@@ -119,6 +150,21 @@ mod tests {
     fn counts_plain_text() {
         assert_eq!(count_text(""), 0);
         assert_eq!(count_text("hello world"), 2);
+    }
+
+    #[test]
+    fn long_texts_count_like_short_ones_and_hostile_ones_are_bounded() {
+        let sentence = "The quick brown fox jumps over the lazy dog. ";
+        let long = sentence.repeat(2000); // ~90 KB, cut at whitespace
+        assert!(pieces(&long).count() > 10);
+        assert_eq!(count_text(&long), bpe().encode_ordinary(&long).len() as u64, "cut at whitespace, exact");
+        // one 512 KiB "word": counted in pieces, linear time
+        let hostile = "a".repeat(512 * 1024);
+        let n = count_text(&hostile);
+        assert!(n > 0 && n < hostile.len() as u64);
+        // multi-byte characters are never split
+        let wide = "ü".repeat(50_000);
+        assert!(count_text(&wide) > 0);
     }
 
     #[test]

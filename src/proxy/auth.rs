@@ -12,6 +12,7 @@ use axum::http::{header, HeaderMap};
 
 use crate::{
     error::ApiError,
+    metrics,
     store::{keys::{hash_key, KeyRecord}, Db},
 };
 
@@ -40,10 +41,12 @@ impl KeyCache {
         if let Ok(e) = self.entries.read() {
             if let Some((rec, at)) = e.get(hash) {
                 if at.elapsed() < self.ttl {
+                    ::metrics::counter!(metrics::KEY_CACHE, "result" => "hit").increment(1);
                     return Ok(rec.clone());
                 }
             }
         }
+        ::metrics::counter!(metrics::KEY_CACHE, "result" => "miss").increment(1);
         let rec = db.key_by_hash(hash).await?.map(Arc::new);
         if let Ok(mut e) = self.entries.write() {
             if e.len() >= MAX_ENTRIES {
@@ -74,18 +77,22 @@ pub async fn authenticate(
     headers: &HeaderMap,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Arc<KeyRecord>, ApiError> {
+    let reject = |reason: &'static str| ::metrics::counter!(metrics::REJECTIONS, "reason" => reason).increment(1);
     let Some(key) = presented_key(headers) else {
+        reject("invalid_key");
         return Err(ApiError::unauthorized("missing API key: send Authorization: Bearer sk-…"));
     };
-    let rec = cache
-        .lookup(db, &hash_key(key))
-        .await
-        .map_err(|e| ApiError::dependency("database", e))?
-        .ok_or_else(|| ApiError::unauthorized("invalid API key"))?;
+    let rec = cache.lookup(db, &hash_key(key)).await.map_err(|e| ApiError::dependency("database", e))?;
+    let Some(rec) = rec else {
+        reject("invalid_key");
+        return Err(ApiError::unauthorized("invalid API key"));
+    };
     if !rec.is_active {
+        reject("inactive");
         return Err(ApiError::forbidden(format!("API key '{}' is deactivated", rec.name)));
     }
     if rec.is_expired(now) {
+        reject("expired");
         return Err(ApiError::forbidden(format!("API key '{}' has expired", rec.name)));
     }
     Ok(rec)

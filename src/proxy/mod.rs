@@ -26,6 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use self::relay::{Dialect, RelayJob, Sink};
 use crate::{
     config::FailureMode,
+    metrics,
     error::{ApiError, Protocol},
     quota::{buckets::local_display, Admission, Charge, QuotaStatus, Reservation, Window},
     store::{keys::KeyRecord, usage::UsageEvent},
@@ -83,8 +84,16 @@ async fn generation(state: AppState, dialect: Dialect, headers: HeaderMap, body:
 
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|rej| {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&rej);
+        let mut timed_out = false;
+        while let Some(c) = cause {
+            timed_out |= c.is::<tower_http::timeout::TimeoutError>();
+            cause = c.source();
+        }
         if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
+        } else if timed_out {
+            ApiError::new(StatusCode::REQUEST_TIMEOUT, "the request body arrived too slowly")
         } else {
             ApiError::bad_request(format!("could not read the request body: {rej}"))
         }
@@ -192,6 +201,7 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
     let reservation = match admission {
         Admission::Granted(r) => r,
         Admission::Rejected(rej) => {
+            ::metrics::counter!(metrics::REJECTIONS, "reason" => rej.limit.label()).increment(1);
             let now = state.quota.now();
             let msg = format!(
                 "{} of {} reached for key '{}'; resets {}",
@@ -249,7 +259,11 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
             outcome: if refund { "upstream_error" } else { "upstream_rejected" },
         });
     };
-    let upstream = match upstream::send(req, state.config.upstream_timeout).await {
+    let overhead = started.elapsed();
+    let sent = Instant::now();
+    let upstream = upstream::send(req, state.config.upstream_timeout).await;
+    ::metrics::histogram!(metrics::UPSTREAM_TTFB, "route" => dialect.route()).record(sent.elapsed().as_secs_f64());
+    let upstream = match upstream {
         Ok(resp) => resp,
         Err(failure) => {
             let err = failure.into_error();
@@ -268,6 +282,7 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
         let refund = status.is_server_error();
         settle_refund(&state, &reservation, refund).await;
         fail(&state, &reservation, status, refund, &parsed.model);
+        ::metrics::histogram!(metrics::GATEWAY_OVERHEAD, "route" => dialect.route()).record(overhead.as_secs_f64());
         let mut resp = (status, body.unwrap_or_default()).into_response();
         if let Some(ct) = content_type {
             resp.headers_mut().insert(header::CONTENT_TYPE, ct);
@@ -288,6 +303,8 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
         sink,
         client_wants_usage: parsed.client_wants_usage,
         started,
+        overhead,
+        _in_flight: metrics::InFlight::start(),
         request_id: request_id.clone(),
     };
     if parsed.client_stream {

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{ollama, openai};
 use crate::{
     error::ApiError,
+    metrics,
     quota::{Charge, Reservation},
     store::usage::UsageEvent,
     tokens, AppState,
@@ -144,6 +145,9 @@ pub struct RelayJob {
     /// OpenAI stream: the client asked for the usage chunk itself.
     pub client_wants_usage: bool,
     pub started: Instant,
+    /// Time the gateway spent before calling the upstream.
+    pub overhead: std::time::Duration,
+    pub _in_flight: metrics::InFlight,
     pub request_id: String,
 }
 
@@ -330,6 +334,7 @@ impl RelayJob {
     /// ends one that ran out of `max_tokens`.
     async fn end_at_quota(&mut self, run: &mut Run) {
         run.outcome = Some(Outcome::Quota);
+        ::metrics::counter!(metrics::STREAMS_ENDED_AT_QUOTA, "route" => self.dialect.route()).increment(1);
         let (prompt, completion) = (self.reservation.prompt_tokens, run.metered);
         if let Sink::Stream(_) = self.sink {
             let frames: Vec<Bytes> = match self.dialect {
@@ -364,6 +369,7 @@ impl RelayJob {
             (Outcome::Complete, Some(u)) => u,
             _ => (self.reservation.prompt_tokens, run.metered),
         };
+        let settling = Instant::now();
         if let Err(e) = self
             .state
             .quota
@@ -373,6 +379,8 @@ impl RelayJob {
             // The reservation lapses and is charged what it held.
             tracing::error!(error = %e, "settle failed");
         }
+        ::metrics::histogram!(metrics::GATEWAY_OVERHEAD, "route" => self.dialect.route())
+            .record((self.overhead + settling.elapsed()).as_secs_f64());
         let mut status = StatusCode::OK;
         if let Sink::Whole(tx) = self.sink {
             let answer = match outcome {

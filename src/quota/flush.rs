@@ -14,14 +14,41 @@ use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use super::{Quota, QuotaStore};
-use crate::store::{usage::UsageEvent, Db};
+use crate::{
+    metrics,
+    store::{usage::UsageEvent, Db},
+};
 
 /// Where the request path drops usage events; never blocks.
 #[derive(Clone)]
 pub struct EventSink(mpsc::UnboundedSender<UsageEvent>);
 
 impl EventSink {
+    /// Record one request: its log line, its metrics and its usage event.
     pub fn record(&self, e: UsageEvent) {
+        tracing::info!(
+            target: "llm_quota::usage",
+            request_id = %e.request_id,
+            route = %e.route,
+            key_id = e.key_id,
+            model = %e.model,
+            status = e.status,
+            prompt_tokens = e.prompt_tokens,
+            completion_tokens = e.completion_tokens,
+            duration_ms = e.duration_ms,
+            outcome = e.outcome,
+            "request"
+        );
+        let model = metrics::model_label(&e.model);
+        ::metrics::counter!(metrics::REQUESTS, "route" => e.route.clone(), "status" => e.status.to_string(), "model" => model.clone())
+            .increment(1);
+        ::metrics::histogram!(metrics::REQUEST_DURATION, "route" => e.route.clone()).record(e.duration_ms as f64 / 1000.0);
+        if e.prompt_tokens > 0 {
+            ::metrics::counter!(metrics::TOKENS, "model" => model.clone(), "kind" => "prompt").increment(e.prompt_tokens);
+        }
+        if e.completion_tokens > 0 {
+            ::metrics::counter!(metrics::TOKENS, "model" => model, "kind" => "completion").increment(e.completion_tokens);
+        }
         // Only fails once the flusher is gone, at the very end of shutdown.
         let _ = self.0.send(e);
     }
@@ -90,18 +117,24 @@ impl Flusher {
 /// (doubling up to a minute) and are retried; nothing is dropped.
 pub async fn run(flusher: Arc<Mutex<Flusher>>, interval: Duration, stop: CancellationToken) {
     let mut wait = interval;
+    let mut last_ok = Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(wait) => {}
         }
         match flusher.lock().await.flush().await {
-            Ok(()) => wait = interval,
+            Ok(()) => {
+                wait = interval;
+                last_ok = Instant::now();
+            }
             Err(e) => {
                 wait = (wait * 2).min(Duration::from_secs(60));
+                ::metrics::counter!(metrics::FLUSH_FAILURES).increment(1);
                 tracing::warn!(error = %e, retry_in = ?wait, "flush failed");
             }
         }
+        ::metrics::gauge!(metrics::FLUSH_LAG).set(last_ok.elapsed().as_secs_f64());
     }
     if let Err(e) = flusher.lock().await.flush().await {
         tracing::error!(error = %e, "final flush failed; unflushed usage is lost");

@@ -73,6 +73,16 @@ pub enum LimitKind {
 }
 
 impl LimitKind {
+    /// The metric label of a rejection by this limit.
+    pub fn label(self) -> &'static str {
+        match self {
+            LimitKind::DailyRequests => "daily_requests",
+            LimitKind::MonthlyRequests => "monthly_requests",
+            LimitKind::DailyTokens => "daily_tokens",
+            LimitKind::MonthlyTokens => "monthly_tokens",
+        }
+    }
+
     pub fn describe(self) -> &'static str {
         match self {
             LimitKind::DailyRequests => "daily request limit",

@@ -107,26 +107,33 @@ impl RedisStore {
 
     /// Run one call with the timeout; a broken connection is dropped so the
     /// next call gets a fresh one.
-    async fn run<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    async fn run<T, F, Fut>(&self, name: &'static str, f: F) -> Result<T, StoreError>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        let c = self.conn().await?;
-        let result = tokio::time::timeout(self.timeout, f(c)).await;
-        match result {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
-                    self.reset();
+        let started = std::time::Instant::now();
+        let result = match self.conn().await {
+            Ok(c) => match tokio::time::timeout(self.timeout, f(c)).await {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => {
+                    if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+                        self.reset();
+                    }
+                    Err(err(e))
                 }
-                Err(err(e))
-            }
-            Err(_) => {
-                self.reset();
-                Err(err(format!("no answer within {:?}", self.timeout)))
-            }
+                Err(_) => {
+                    self.reset();
+                    Err(err(format!("no answer within {:?}", self.timeout)))
+                }
+            },
+            Err(e) => Err(e),
+        };
+        ::metrics::histogram!(crate::metrics::REDIS_SCRIPT_DURATION, "script" => name).record(started.elapsed().as_secs_f64());
+        if result.is_err() {
+            ::metrics::counter!(crate::metrics::REDIS_ERRORS, "script" => name).increment(1);
         }
+        result
     }
 
     fn reset(&self) {
@@ -149,7 +156,7 @@ impl QuotaStore for RedisStore {
         let base = self.base(req.key_id);
         let l = &req.limits;
         let v: Vec<i64> = self
-            .run(|mut c| async move {
+            .run("admit", |mut c| async move {
                 self.scripts
                     .admit
                     .arg(&base)
@@ -200,7 +207,7 @@ impl QuotaStore for RedisStore {
         let base = self.base(resv.key_id);
         let now = chrono::Utc::now().timestamp_millis();
         let granted: i64 = self
-            .run(|mut c| async move {
+            .run("lease", |mut c| async move {
                 self.scripts
                     .lease
                     .arg(&base)
@@ -222,7 +229,7 @@ impl QuotaStore for RedisStore {
         let base = self.base(resv.key_id);
         let now = chrono::Utc::now().timestamp_millis();
         let _: i64 = self
-            .run(|mut c| async move {
+            .run("settle", |mut c| async move {
                 self.scripts
                     .settle
                     .arg(&base)
@@ -242,7 +249,7 @@ impl QuotaStore for RedisStore {
         let base = self.base(bucket.key_id);
         let ttl = if bucket.period == "day" { DAY_BUCKET_TTL_SECS } else { MONTH_BUCKET_TTL_SECS };
         let _: i64 = self
-            .run(|mut c| async move {
+            .run("seed", |mut c| async move {
                 self.scripts
                     .seed
                     .arg(&base)
@@ -264,7 +271,7 @@ impl QuotaStore for RedisStore {
     async fn usage(&self, key_id: i64, day: &str, month: &str) -> Result<(Option<Usage>, Option<Usage>), StoreError> {
         let base = self.base(key_id);
         let (d, m): (Vec<Option<i64>>, Vec<Option<i64>>) = self
-            .run(|mut c| async move {
+            .run("usage", |mut c| async move {
                 redis::pipe()
                     .cmd("HMGET")
                     .arg(format!("{base}:d:{day}"))
@@ -290,7 +297,7 @@ impl QuotaStore for RedisStore {
     async fn expire(&self, now_ms: i64, key_ids: &[i64]) -> Result<u64, StoreError> {
         let calls = key_ids.iter().map(|&id| {
             let base = self.base(id);
-            self.run(move |mut c| async move { self.scripts.expire.arg(&base).arg(now_ms).invoke_async::<i64>(&mut c).await })
+            self.run("expire", move |mut c| async move { self.scripts.expire.arg(&base).arg(now_ms).invoke_async::<i64>(&mut c).await })
         });
         let mut n = 0;
         for r in futures_util::future::join_all(calls).await {
@@ -304,7 +311,7 @@ impl QuotaStore for RedisStore {
             let base = self.base(id);
             async move {
                 let v: Vec<redis::Value> =
-                    self.run(move |mut c| async move { self.scripts.dirty.arg(&base).arg(0).invoke_async(&mut c).await }).await?;
+                    self.run("dirty", move |mut c| async move { self.scripts.dirty.arg(&base).arg(0).invoke_async(&mut c).await }).await?;
                 Ok::<_, StoreError>((id, v))
             }
         });
@@ -329,13 +336,13 @@ impl QuotaStore for RedisStore {
         for b in buckets {
             let key = format!("{}:dirty", self.base(b.key_id));
             let member = format!("{}|{}", period_code(b.period), b.bucket);
-            let _: i64 = self.run(|mut c| async move { redis::cmd("SADD").arg(&key).arg(&member).query_async(&mut c).await }).await?;
+            let _: i64 = self.run("mark_dirty", |mut c| async move { redis::cmd("SADD").arg(&key).arg(&member).query_async(&mut c).await }).await?;
         }
         Ok(())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let _: String = self.run(|mut c| async move { redis::cmd("PING").query_async(&mut c).await }).await?;
+        let _: String = self.run("ping", |mut c| async move { redis::cmd("PING").query_async(&mut c).await }).await?;
         Ok(())
     }
 }

@@ -20,6 +20,7 @@ pub const PASSWORD: &str = "test-admin-password";
 pub struct TestApp {
     pub proxy: String,
     pub admin: String,
+    pub metrics: String,
     pub state: AppState,
     pub mock: MockUpstream,
     pub http: reqwest::Client,
@@ -62,6 +63,7 @@ impl TestApp {
             ("PROXY_HOST", "127.0.0.1".to_string()),
             ("PROXY_PORT", "0".into()),
             ("ADMIN_PORT", "0".into()),
+            ("METRICS_PORT", "0".into()),
             ("ADMIN_PASSWORD", PASSWORD.into()),
             ("DATABASE_URL", format!("sqlite://{}/llm-quota.db", dir.path().display())),
             ("LOG_FILE", format!("{}/usage.log", dir.path().display())),
@@ -78,10 +80,11 @@ impl TestApp {
         let app = App::build_with_clock(config, opts.clock).await.expect("app builds");
         let proxy = format!("http://{}", app.proxy_addr);
         let admin = format!("http://{}", app.admin_addr);
+        let metrics = format!("http://{}", app.metrics_addr);
         let state = app.state.clone();
         let stop = CancellationToken::new();
         let handle = tokio::spawn(app.run(stop.clone()));
-        TestApp { proxy, admin, state, mock, http: reqwest::Client::new(), dir, stop, handle: Some(handle) }
+        TestApp { proxy, admin, metrics, state, mock, http: reqwest::Client::new(), dir, stop, handle: Some(handle) }
     }
 
     /// Stop as SIGTERM would, and wait until the app has finished.

@@ -2,6 +2,7 @@
 mod admin;
 mod cluster;
 mod common;
+mod metrics;
 mod mock;
 mod mock_selftest;
 mod proxy;

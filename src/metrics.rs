@@ -1,0 +1,136 @@
+//! Metric names in one place, the Prometheus recorder, and label hygiene:
+//! labels are routes, statuses, limits, outcomes and model names, never key
+//! names or raw paths; model names are capped at `MAX_MODELS` distinct
+//! values (the rest are `other`).
+
+use std::{
+    collections::HashSet,
+    sync::{Mutex, OnceLock},
+    time::Instant,
+};
+
+use axum::{
+    extract::{MatchedPath, Request},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Every HTTP request by listener, route template and status.
+pub const HTTP_REQUESTS: &str = "llm_quota_http_requests_total";
+/// Wall time of every HTTP request (streams: until the headers are sent).
+pub const HTTP_DURATION: &str = "llm_quota_http_request_duration_seconds";
+/// Completion requests by route, status and model (one per usage event).
+pub const REQUESTS: &str = "llm_quota_requests_total";
+/// Completion request duration, to the last byte, by route.
+pub const REQUEST_DURATION: &str = "llm_quota_request_duration_seconds";
+/// Tokens charged, by model and kind (`prompt`, `completion`).
+pub const TOKENS: &str = "llm_quota_tokens_total";
+/// Refused requests by reason: `daily_tokens`, `daily_requests`,
+/// `monthly_tokens`, `monthly_requests`, `invalid_key`, `inactive`, `expired`.
+pub const REJECTIONS: &str = "llm_quota_rejections_total";
+/// Completions the gateway ended because the key's quota ran out, by route.
+pub const STREAMS_ENDED_AT_QUOTA: &str = "llm_quota_streams_ended_at_quota_total";
+/// Time spent in the gateway itself (auth, parsing, counting, admission,
+/// settlement), excluding the upstream, by route.
+pub const GATEWAY_OVERHEAD: &str = "llm_quota_gateway_overhead_seconds";
+/// Upstream time to response headers, by route.
+pub const UPSTREAM_TTFB: &str = "llm_quota_upstream_ttfb_seconds";
+/// Redis script latency and errors, by script.
+pub const REDIS_SCRIPT_DURATION: &str = "llm_quota_redis_script_duration_seconds";
+pub const REDIS_ERRORS: &str = "llm_quota_redis_errors_total";
+/// Seconds since the last successful flush, and failed flushes.
+pub const FLUSH_LAG: &str = "llm_quota_flush_lag_seconds";
+pub const FLUSH_FAILURES: &str = "llm_quota_flush_failures_total";
+/// Key-cache lookups by result (`hit`, `miss`).
+pub const KEY_CACHE: &str = "llm_quota_key_cache_lookups_total";
+/// Completion requests being served right now.
+pub const IN_FLIGHT: &str = "llm_quota_in_flight_requests";
+
+pub const MAX_MODELS: usize = 64;
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The process-wide recorder (installed once; every app in the process shares it).
+pub fn handle() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let latency = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)
+                .expect("static buckets are valid");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may exist (embedding); then ours just renders nothing new.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(HTTP_REQUESTS, "HTTP requests by listener, route and status");
+    describe_histogram!(HTTP_DURATION, Unit::Seconds, "HTTP request time to response headers");
+    describe_counter!(REQUESTS, "Completion requests by route, status and model");
+    describe_histogram!(REQUEST_DURATION, Unit::Seconds, "Completion request duration to the last byte");
+    describe_counter!(TOKENS, "Tokens charged by model and kind");
+    describe_counter!(REJECTIONS, "Refused requests by reason");
+    describe_counter!(STREAMS_ENDED_AT_QUOTA, "Completions ended by the gateway at the key's quota");
+    describe_histogram!(GATEWAY_OVERHEAD, Unit::Seconds, "Time in the gateway excluding the upstream");
+    describe_histogram!(UPSTREAM_TTFB, Unit::Seconds, "Upstream time to response headers");
+    describe_histogram!(REDIS_SCRIPT_DURATION, Unit::Seconds, "Redis script latency");
+    describe_counter!(REDIS_ERRORS, "Redis script errors");
+    describe_gauge!(FLUSH_LAG, Unit::Seconds, "Seconds since the last successful flush");
+    describe_counter!(FLUSH_FAILURES, "Failed flushes");
+    describe_counter!(KEY_CACHE, "Key cache lookups by result");
+    describe_gauge!(IN_FLIGHT, "Completion requests in flight");
+}
+
+/// The model as a label: known (first `MAX_MODELS` seen) or `other`.
+pub fn model_label(model: &str) -> String {
+    static SEEN: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    let seen = SEEN.get_or_init(Default::default);
+    let Ok(mut seen) = seen.lock() else { return "other".into() };
+    if seen.contains(model) {
+        return model.to_string();
+    }
+    if seen.len() < MAX_MODELS && model.len() <= 100 {
+        seen.insert(model.to_string());
+        return model.to_string();
+    }
+    "other".into()
+}
+
+/// Counts every request by route template (never the raw path) and status.
+pub async fn track_http(listener: &'static str, req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_string();
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!(HTTP_REQUESTS, "listener" => listener, "route" => route.clone(), "status" => status).increment(1);
+    metrics::histogram!(HTTP_DURATION, "listener" => listener, "route" => route).record(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// `GET /metrics`
+pub async fn render() -> impl IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle().render())
+}
+
+/// Decrements the in-flight gauge when the request is over, however it ends.
+pub struct InFlight;
+
+impl InFlight {
+    pub fn start() -> InFlight {
+        metrics::gauge!(IN_FLIGHT).increment(1.0);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(IN_FLIGHT).decrement(1.0);
+    }
+}
