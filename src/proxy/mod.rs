@@ -441,3 +441,51 @@ pub fn quota_json(key: &KeyRecord, s: &QuotaStatus, tz: chrono_tz::Tz) -> Value 
         "monthly": window(&s.month_bucket, s.month_start, s.month_reset, &s.month, l.monthly_requests, l.monthly_tokens),
     })
 }
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            "\\PC{0,20}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 32, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::hash_map(
+                    prop_oneof![Just("model".to_string()), Just("messages".to_string()), Just("stream".to_string()),
+                        Just("prompt".to_string()), Just("tools".to_string()), Just("stream_options".to_string()), "[a-z]{1,8}"],
+                    inner,
+                    0..6
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Any body is either accepted with a model and a stream flag, or a
+        /// 4xx; never a panic.
+        #[test]
+        fn request_parsing_never_panics(body in json_value(), raw in proptest::collection::vec(any::<u8>(), 0..64)) {
+            for dialect in [Dialect::OpenAiChat, Dialect::OllamaChat, Dialect::OllamaGenerate] {
+                match parse_request(dialect, body.to_string().as_bytes(), "default") {
+                    Ok(p) => {
+                        prop_assert!(!p.model.is_empty());
+                        prop_assert_eq!(p.body.get("model").and_then(Value::as_str), Some(p.model.as_str()));
+                    }
+                    Err(e) => prop_assert!(e.status.is_client_error()),
+                }
+                if let Err(e) = parse_request(dialect, &raw, "default") {
+                    prop_assert!(e.status.is_client_error());
+                }
+            }
+        }
+    }
+}

@@ -464,3 +464,76 @@ mod tests {
         assert_eq!(out, vec![Frame::Data("{\"x\":1}".into()), Frame::Done]);
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn all_frames(sse: bool, parts: &[Vec<u8>]) -> Vec<Frame> {
+        let mut f = Framer { sse, ..Default::default() };
+        let mut out = Vec::new();
+        for p in parts {
+            f.push(p);
+            while let Some(fr) = f.next_frame() {
+                out.push(fr);
+            }
+        }
+        out.extend(f.finish());
+        out
+    }
+
+    fn split(bytes: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+        let mut points: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+        points.sort_unstable();
+        let mut out = Vec::new();
+        let mut last = 0;
+        for p in points {
+            out.push(bytes[last..p].to_vec());
+            last = p;
+        }
+        out.push(bytes[last..].to_vec());
+        out
+    }
+
+    proptest! {
+        /// However the network cuts a stream, the same frames come out.
+        #[test]
+        fn framing_does_not_depend_on_read_boundaries(
+            lines in proptest::collection::vec("[a-z0-9{}\":, ]{0,40}", 0..20),
+            cuts in proptest::collection::vec(any::<usize>(), 0..10),
+            sse in any::<bool>(),
+        ) {
+            let body: String = if sse {
+                lines.iter().map(|l| format!("data: {l}\n\n")).collect()
+            } else {
+                lines.iter().map(|l| format!("{l}\n")).collect()
+            };
+            let whole = all_frames(sse, &[body.as_bytes().to_vec()]);
+            let pieces = all_frames(sse, &split(body.as_bytes(), &cuts));
+            prop_assert_eq!(whole, pieces);
+        }
+
+        /// Arbitrary bytes (invalid UTF-8, stray CRs, huge lines) never panic.
+        #[test]
+        fn framing_survives_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..2000), sse in any::<bool>()) {
+            let _ = all_frames(sse, &[bytes]);
+        }
+
+        /// Chunk counting and the assemblers accept any JSON without panicking.
+        #[test]
+        fn metering_and_assembly_accept_any_json(s in "\\PC{0,200}") {
+            if let Ok(v) = serde_json::from_str::<Value>(&s) {
+                let _ = tokens::count_openai_chunk(&v);
+                let _ = tokens::count_ollama_chunk(&v);
+                let mut a = openai::Assembler::default();
+                a.push(&v);
+                let _ = a.finish(false, (0, 0));
+                let mut o = ollama::Assembler::new(false);
+                o.push(&v);
+                let _ = o.finish(v.clone());
+            }
+        }
+    }
+}
