@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use axum::http::StatusCode;
 use bytes::{Bytes, BytesMut};
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{ollama, openai};
@@ -156,6 +156,8 @@ struct Run {
     upstream_usage: Option<(u64, u64)>,
     outcome: Option<Outcome>,
     error: Option<String>,
+    /// The upstream's own error frame already went to the client.
+    error_forwarded: bool,
     ollama: ollama::Assembler,
     openai: openai::Assembler,
     /// Ollama: the upstream's final chunk (non-stream answer shape).
@@ -176,6 +178,7 @@ impl RelayJob {
             openai: openai::Assembler::default(),
             final_chunk: None,
             saw_finish: false,
+            error_forwarded: false,
         };
         let mut framer = Framer { sse: self.dialect.is_sse(), ..Default::default() };
         let mut upstream = Some(upstream);
@@ -265,6 +268,7 @@ impl RelayJob {
             // Pass the upstream's own error line on to a streaming client.
             let bytes = self.frame_bytes(&data);
             self.send(run, bytes).await;
+            run.error_forwarded = true;
             run.fail(msg);
             return;
         }
@@ -361,8 +365,19 @@ impl RelayJob {
         }
     }
 
-    async fn finish(self, run: Run) {
+    async fn finish(mut self, mut run: Run) {
         let outcome = run.outcome.unwrap_or(Outcome::UpstreamError);
+        if outcome == Outcome::UpstreamError && !run.error_forwarded {
+            // A stream that broke off gets an error in its protocol, so the
+            // client can tell it from a complete answer.
+            let msg = run.error.clone().unwrap_or_else(|| "upstream error".into());
+            let frame = match self.dialect {
+                Dialect::OpenAiChat => json!({"error": {"message": msg, "type": "api_error", "param": null, "code": null}}),
+                _ => json!({"error": msg}),
+            };
+            let bytes = self.frame_bytes(&frame.to_string());
+            self.send(&mut run, bytes).await;
+        }
         let refund = outcome == Outcome::UpstreamError && run.metered == 0;
         let (prompt, completion) = match (outcome, run.upstream_usage) {
             _ if refund => (0, 0),

@@ -2,6 +2,8 @@
 mod admin;
 mod cluster;
 mod common;
+mod faults;
+mod hostile;
 mod metrics;
 mod mock;
 mod mock_selftest;
