@@ -2,9 +2,8 @@
 //! under 64 clients, admin changes across replicas, seeding after Redis
 //! loses data, Redis and PostgreSQL outages, and migrations.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
-use futures_util::StreamExt;
 use llm_quota::quota::{BucketRef, QuotaStore};
 use serde_json::{json, Value};
 
@@ -36,42 +35,10 @@ async fn settle_all(apps: &[TestApp]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_enforce_one_key_exactly_and_the_stores_agree() {
     let cluster = Cluster::new().await;
-    let apps = Arc::new(replicas(&cluster, 3).await);
+    let apps = replicas(&cluster, 3).await;
     apps[0].mock.state.set_reply_tokens(40);
     let (id, key) = apps[0].create_key(json!({"name": "shared", "daily_token_limit": 3000, "daily_request_limit": 90})).await;
-    let mut tasks = Vec::new();
-    for i in 0..64usize {
-        let (apps, key) = (apps.clone(), key.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut ok = 0u64;
-            for round in 0..3usize {
-                let app = &apps[(i + round) % 3];
-                let (path, mut body) = match (i + round) % 3 {
-                    0 => ("/v1/chat/completions", chat(MODEL, "hello there")),
-                    1 => ("/api/chat", chat(MODEL, "hello there")),
-                    _ => ("/api/generate", json!({"model": MODEL, "prompt": "hello there"})),
-                };
-                body["stream"] = json!(i % 2 == 0);
-                let resp = app.post(path, &key, body).send().await.unwrap();
-                let status = resp.status().as_u16();
-                assert!(status == 200 || status == 429, "unexpected status {status}: {}", resp.text().await.unwrap_or_default());
-                if status == 200 {
-                    ok += 1;
-                    if i % 5 == 0 {
-                        let mut s = resp.bytes_stream();
-                        let _ = s.next().await;
-                    } else {
-                        let _ = resp.bytes().await;
-                    }
-                }
-            }
-            ok
-        }));
-    }
-    let mut admitted = 0;
-    for t in tasks {
-        admitted += t.await.unwrap();
-    }
+    let admitted = crate::common::mixed_clients(apps.iter().map(|a| a.proxy.clone()).collect(), &key, 64, 3).await;
     settle_all(&apps).await;
     for a in apps.iter() {
         a.state.flush().await.expect("flush");

@@ -201,6 +201,9 @@ impl Cluster {
             .env("REDIS_PREFIX", &self.prefix)
             .env("DATABASE_URL", &self.database_url)
             .env("MIGRATE_ON_START", "true")
+            // Test machines are shared and debug builds slow: a generous
+            // bound (outage tests cut connections, which fail at once).
+            .env("REDIS_TIMEOUT", "2s")
     }
 
     pub async fn db(&self) -> llm_quota::store::Db {
@@ -278,3 +281,49 @@ impl TcpProxy {
         self.up.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// 64-style hammering: `clients` concurrent clients, `rounds` requests
+/// each, spread over `proxies` (base URLs), mixing protocols, stream and
+/// non-stream, and clients that disconnect after the first chunk. Every
+/// answer must be 200 or 429; returns how many were admitted.
+pub async fn mixed_clients(proxies: Vec<String>, key: &str, clients: usize, rounds: usize) -> u64 {
+    use futures_util::StreamExt;
+    let http = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let (http, proxies, key) = (http.clone(), proxies.clone(), key.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut ok = 0u64;
+            for round in 0..rounds {
+                let proxy = &proxies[(i + round) % proxies.len()];
+                let (path, mut body) = match (i + round) % 3 {
+                    0 => ("/v1/chat/completions", chat(MIXED_MODEL, "hello there")),
+                    1 => ("/api/chat", chat(MIXED_MODEL, "hello there")),
+                    _ => ("/api/generate", json!({"model": MIXED_MODEL, "prompt": "hello there"})),
+                };
+                body["stream"] = json!(i % 2 == 0);
+                let resp = http.post(format!("{proxy}{path}")).bearer_auth(&key).json(&body).send().await.unwrap();
+                let status = resp.status().as_u16();
+                assert!(status == 200 || status == 429, "unexpected status {status}: {}", resp.text().await.unwrap_or_default());
+                if status == 200 {
+                    ok += 1;
+                    if i % 5 == 0 {
+                        // disconnect after the first chunk
+                        let mut s = resp.bytes_stream();
+                        let _ = s.next().await;
+                    } else {
+                        let _ = resp.bytes().await;
+                    }
+                }
+            }
+            ok
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += t.await.unwrap();
+    }
+    admitted
+}
+
+const MIXED_MODEL: &str = "llama3.2:latest";

@@ -259,42 +259,7 @@ async fn sixty_four_mixed_clients_never_overshoot_the_limits() {
     let app = TestApp::spawn_with(Options::default().env("LEASE_TOKENS", "8")).await;
     app.mock.state.set_reply_tokens(40);
     let (id, key) = app.create_key(json!({"name": "hammer", "daily_token_limit": 3000, "daily_request_limit": 100})).await;
-    let app = Arc::new(app);
-    let mut tasks = Vec::new();
-    for i in 0..64usize {
-        let app = app.clone();
-        let key = key.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut ok = 0;
-            for round in 0..3usize {
-                let (path, mut body) = match (i + round) % 3 {
-                    0 => ("/v1/chat/completions", chat(MODEL, "hello there")),
-                    1 => ("/api/chat", chat(MODEL, "hello there")),
-                    _ => ("/api/generate", json!({"model": MODEL, "prompt": "hello there"})),
-                };
-                body["stream"] = json!(i % 2 == 0);
-                let resp = app.post(path, &key, body).send().await.unwrap();
-                let status = resp.status().as_u16();
-                assert!(status == 200 || status == 429, "unexpected status {status}");
-                if status == 200 {
-                    ok += 1;
-                    if i % 5 == 0 {
-                        // disconnect after the first chunk
-                        let mut s = resp.bytes_stream();
-                        let _ = s.next().await;
-                        drop(s);
-                    } else {
-                        let _ = resp.bytes().await;
-                    }
-                }
-            }
-            ok
-        }));
-    }
-    let mut admitted = 0;
-    for t in tasks {
-        admitted += t.await.unwrap();
-    }
+    let admitted = crate::common::mixed_clients(vec![app.proxy.clone()], &key, 64, 3).await;
     settled(&app).await;
     let info = app.key_info(id).await;
     let used = info["tokens_used_today"].as_u64().unwrap();
