@@ -41,5 +41,20 @@ fi
 say "deployment files (tests/deploy/check.py)"
 .venv/bin/python tests/deploy/check.py
 
+# Browser test of the admin UI (tests/it/ui.rs, browser_end_to_end):
+# Debian's Chromium, driven by playwright-core from tests/e2e.
+if [ ! -x /usr/bin/chromium ]; then
+  say "installing chromium"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  say "installing nodejs and npm"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+fi
+if [ ! -d tests/e2e/node_modules/playwright-core ]; then
+  say "installing playwright-core into tests/e2e"
+  (cd tests/e2e && npm ci --no-audit --no-fund --silent)
+fi
+
 say "cargo test"
 cargo test --locked "$@"

@@ -14,6 +14,8 @@ use crate::AppState;
 pub struct ClusterEvents {
     client: redis::Client,
     channel: String,
+    /// This replica's id: its own messages need no second eviction.
+    me: String,
     publisher: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
 }
 
@@ -22,6 +24,7 @@ impl ClusterEvents {
         Ok(ClusterEvents {
             client: redis::Client::open(url)?,
             channel: format!("{prefix}:events"),
+            me: uuid::Uuid::new_v4().simple().to_string(),
             publisher: tokio::sync::Mutex::new(None),
         })
     }
@@ -33,7 +36,7 @@ impl ClusterEvents {
                 *guard = Some(self.client.get_multiplexed_async_connection().await?);
             }
             let c = guard.as_mut().expect("just set");
-            redis::cmd("PUBLISH").arg(&self.channel).arg("evict").query_async::<i64>(c).await
+            redis::cmd("PUBLISH").arg(&self.channel).arg(&self.me).query_async::<i64>(c).await
         };
         match tokio::time::timeout(Duration::from_secs(1), result).await {
             Ok(Ok(_)) => {}
@@ -47,15 +50,21 @@ impl ClusterEvents {
     /// Listen until `stop`; reconnects with backoff.
     pub async fn listen(self: std::sync::Arc<Self>, state: AppState, stop: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
+        let mut reconnect = false;
         loop {
             let session = async {
                 let mut pubsub = self.client.get_async_pubsub().await?;
                 pubsub.subscribe(&self.channel).await?;
-                // Whatever happened while we were not listening is unknown.
-                state.evict_caches().await;
-                let mut messages = pubsub.on_message();
-                while messages.next().await.is_some() {
+                if reconnect {
+                    // Whatever happened while we were not listening is unknown.
                     state.evict_caches().await;
+                }
+                reconnect = true;
+                let mut messages = pubsub.on_message();
+                while let Some(msg) = messages.next().await {
+                    if msg.get_payload::<String>().ok().as_deref() != Some(self.me.as_str()) {
+                        state.evict_caches().await;
+                    }
                 }
                 Ok::<_, redis::RedisError>(())
             };

@@ -25,7 +25,7 @@ async fn run() -> anyhow::Result<()> {
     let proxy = app.proxy_addr;
     println!("llm-quota {} ({} mode)", env!("CARGO_PKG_VERSION"), if app.state.config.is_cluster() { "cluster" } else { "embedded" });
     println!("  proxy:  http://{proxy}  (OpenAI: /v1, Ollama: /api) -> upstream {}", app.state.settings.get().ollama_url);
-    println!("  admin:  http://{admin}/api/…");
+    println!("  admin:  http://{admin}/  (web UI; JSON API under /api/…)");
     if let Some(pw) = &app.generated_password {
         println!("  ADMIN_PASSWORD was not set; generated for this run: {pw}");
     }

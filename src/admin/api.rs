@@ -171,12 +171,12 @@ pub fn key_json(k: &KeyRecord, s: &QuotaStatus) -> Value {
     })
 }
 
-async fn key_with_usage(state: &AppState, k: &KeyRecord) -> Result<Value, ApiError> {
+pub(crate) async fn key_with_usage(state: &AppState, k: &KeyRecord) -> Result<Value, ApiError> {
     let status = state.quota.status_of(&state.db, k.id, k.limits).await.map_err(|e| ApiError::dependency("quota store", e))?;
     Ok(key_json(k, &status))
 }
 
-fn db_err(e: sqlx::Error) -> ApiError {
+pub(crate) fn db_err(e: sqlx::Error) -> ApiError {
     ApiError::dependency("database", e)
 }
 
@@ -190,13 +190,23 @@ async fn list_keys(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
 }
 
 async fn create_key(State(state): State<AppState>, Body(body): Body) -> Result<Json<Value>, ApiError> {
+    let (rec, plaintext) = create_key_from(&state, &body).await?;
+    let mut v = key_with_usage(&state, &rec).await?;
+    v["key"] = json!(plaintext);
+    v["api_key"] = json!(plaintext);
+    Ok(Json(v))
+}
+
+/// Validate a new key's fields (the JSON API's, also used by the UI), store
+/// it and tell the replicas; returns the record and the plaintext key.
+pub(crate) async fn create_key_from(state: &AppState, body: &Map<String, Value>) -> Result<(KeyRecord, String), ApiError> {
     let name = match body.get("name") {
         Some(Value::String(s)) if !s.trim().is_empty() && s.trim().chars().count() <= 100 => s.trim().to_string(),
         Some(Value::String(_)) => return Err(ApiError::invalid("name", "must be 1 to 100 characters")),
         None | Some(Value::Null) => return Err(ApiError::invalid("name", "field required")),
         Some(_) => return Err(ApiError::invalid("name", "must be a string")),
     };
-    let expires_at = expiry_field(&body, state.quota.tz())?.flatten();
+    let expires_at = expiry_field(body, state.quota.tz())?.flatten();
     let allowed_models = match body.get("allowed_models") {
         None | Some(Value::Null) => None,
         Some(Value::Array(a)) if a.iter().all(Value::is_string) => {
@@ -204,13 +214,10 @@ async fn create_key(State(state): State<AppState>, Body(body): Body) -> Result<J
         }
         Some(_) => return Err(ApiError::invalid("allowed_models", "must be a list of model names or null")),
     };
-    let new = NewKey { name, expires_at, limits: apply_limits(&body, Limits::default())?, allowed_models };
+    let new = NewKey { name, expires_at, limits: apply_limits(body, Limits::default())?, allowed_models };
     let (rec, plaintext) = state.db.create_key(&new, Utc::now()).await.map_err(db_err)?;
     state.admin_changed().await;
-    let mut v = key_with_usage(&state, &rec).await?;
-    v["key"] = json!(plaintext);
-    v["api_key"] = json!(plaintext);
-    Ok(Json(v))
+    Ok((rec, plaintext))
 }
 
 async fn found(state: &AppState, rec: Option<KeyRecord>, id: i64) -> Result<Json<Value>, ApiError> {
@@ -220,11 +227,20 @@ async fn found(state: &AppState, rec: Option<KeyRecord>, id: i64) -> Result<Json
 }
 
 async fn update_quota(State(state): State<AppState>, KeyId(id): KeyId, Body(body): Body) -> Result<Json<Value>, ApiError> {
+    let rec = update_quota_from(&state, id, &body).await?;
+    Ok(Json(key_with_usage(&state, &rec).await?))
+}
+
+/// Apply the limits and expiry present in `body` (absent fields stay) and
+/// tell the replicas; 404 when there is no such key.
+pub(crate) async fn update_quota_from(state: &AppState, id: i64, body: &Map<String, Value>) -> Result<KeyRecord, ApiError> {
     let current = state.db.key_by_id(id).await.map_err(db_err)?.ok_or_else(|| ApiError::not_found(format!("API key {id} not found")))?;
-    let limits = apply_limits(&body, current.limits)?;
-    let expires_at = expiry_field(&body, state.quota.tz())?.unwrap_or(current.expires_at);
+    let limits = apply_limits(body, current.limits)?;
+    let expires_at = expiry_field(body, state.quota.tz())?.unwrap_or(current.expires_at);
     let rec = state.db.update_key_quota(id, limits, expires_at).await.map_err(db_err)?;
-    found(&state, rec, id).await
+    let rec = rec.ok_or_else(|| ApiError::not_found(format!("API key {id} not found")))?;
+    state.admin_changed().await;
+    Ok(rec)
 }
 
 async fn activate(State(state): State<AppState>, KeyId(id): KeyId) -> Result<Json<Value>, ApiError> {
@@ -251,6 +267,13 @@ async fn get_settings(State(state): State<AppState>) -> Json<Value> {
 }
 
 async fn put_settings(State(state): State<AppState>, Body(body): Body) -> Result<Json<Value>, ApiError> {
+    put_settings_from(&state, &body).await?;
+    Ok(get_settings(State(state)).await)
+}
+
+/// Validate and store `ollama_url` / `default_model` (absent fields stay)
+/// and tell the replicas.
+pub(crate) async fn put_settings_from(state: &AppState, body: &Map<String, Value>) -> Result<(), ApiError> {
     let url = match body.get("ollama_url") {
         None | Some(Value::Null) => None,
         Some(Value::String(u)) => Some(
@@ -270,7 +293,7 @@ async fn put_settings(State(state): State<AppState>, Body(body): Body) -> Result
         state.db.put_setting(settings::DEFAULT_MODEL, m).await.map_err(db_err)?;
     }
     state.admin_changed().await;
-    Ok(get_settings(State(state)).await)
+    Ok(())
 }
 
 async fn ollama_models(State(state): State<AppState>) -> Result<Response, ApiError> {
@@ -284,6 +307,11 @@ async fn ollama_models(State(state): State<AppState>) -> Result<Response, ApiErr
 }
 
 async fn proxy_info(State(state): State<AppState>, headers: HeaderMap) -> Json<Value> {
+    Json(proxy_info_value(&state, &headers))
+}
+
+/// How clients reach the proxy (also shown on the UI's proxy page).
+pub(crate) fn proxy_info_value(state: &AppState, headers: &HeaderMap) -> Value {
     let c = &state.config;
     // The host the admin was reached by is the best guess at how clients reach the proxy.
     let host = headers
@@ -292,7 +320,7 @@ async fn proxy_info(State(state): State<AppState>, headers: HeaderMap) -> Json<V
         .map(|h| h.rsplit_once(':').map_or(h, |(host, _)| host).to_string())
         .unwrap_or_else(|| "localhost".into());
     let proxy_url = format!("http://{host}:{}", state.proxy_port());
-    Json(json!({
+    json!({
         "proxy_url": proxy_url,
         "proxy_host": c.proxy_host.to_string(),
         "proxy_port": state.proxy_port(),
@@ -307,5 +335,5 @@ async fn proxy_info(State(state): State<AppState>, headers: HeaderMap) -> Json<V
             "POST /api/chat", "POST /api/generate", "GET /api/tags", "GET /api/version", "GET /api/quota",
         ],
         "version": env!("CARGO_PKG_VERSION"),
-    }))
+    })
 }

@@ -4,7 +4,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, RwLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, RwLock,
+    },
     time::{Duration, Instant},
 };
 
@@ -20,39 +23,60 @@ use crate::{
 /// past this many entries the cache starts over.
 const MAX_ENTRIES: usize = 50_000;
 
+struct Entry {
+    rec: Option<Arc<KeyRecord>>,
+    fetched: Instant,
+    generation: u64,
+}
+
+/// Key records by key hash. An entry is fresh for `ttl` and until the next
+/// admin change (`clear` bumps the generation). A stale entry is refetched;
+/// if the database cannot answer, the stale entry is served instead
+/// (stale-if-error), so a database outage does not lock out known keys.
 pub struct KeyCache {
     ttl: Duration,
-    entries: RwLock<HashMap<String, (Option<Arc<KeyRecord>>, Instant)>>,
+    generation: AtomicU64,
+    entries: RwLock<HashMap<String, Entry>>,
 }
 
 impl KeyCache {
     pub fn new(ttl: Duration) -> Self {
-        KeyCache { ttl, entries: RwLock::new(HashMap::new()) }
+        KeyCache { ttl, generation: AtomicU64::new(0), entries: RwLock::new(HashMap::new()) }
     }
 
+    /// Every entry must be refetched before it is trusted again.
     pub fn clear(&self) {
-        if let Ok(mut e) = self.entries.write() {
-            e.clear();
-        }
+        self.generation.fetch_add(1, Ordering::SeqCst);
     }
 
     /// The key record for a key hash, from the cache or the database.
     pub async fn lookup(&self, db: &Db, hash: &str) -> sqlx::Result<Option<Arc<KeyRecord>>> {
-        if let Ok(e) = self.entries.read() {
-            if let Some((rec, at)) = e.get(hash) {
-                if at.elapsed() < self.ttl {
-                    ::metrics::counter!(metrics::KEY_CACHE, "result" => "hit").increment(1);
-                    return Ok(rec.clone());
-                }
-            }
+        let generation = self.generation.load(Ordering::SeqCst);
+        let cached = self.entries.read().ok().and_then(|e| {
+            e.get(hash).map(|entry| (entry.rec.clone(), entry.generation == generation && entry.fetched.elapsed() < self.ttl))
+        });
+        if let Some((rec, true)) = &cached {
+            ::metrics::counter!(metrics::KEY_CACHE, "result" => "hit").increment(1);
+            return Ok(rec.clone());
         }
         ::metrics::counter!(metrics::KEY_CACHE, "result" => "miss").increment(1);
-        let rec = db.key_by_hash(hash).await?.map(Arc::new);
+        let rec = match db.key_by_hash(hash).await {
+            Ok(rec) => rec.map(Arc::new),
+            Err(e) => {
+                return match cached {
+                    Some((stale, _)) => {
+                        tracing::warn!(error = %e, "database unavailable; using the cached key record");
+                        Ok(stale)
+                    }
+                    None => Err(e),
+                }
+            }
+        };
         if let Ok(mut e) = self.entries.write() {
             if e.len() >= MAX_ENTRIES {
                 e.clear();
             }
-            e.insert(hash.to_string(), (rec.clone(), Instant::now()));
+            e.insert(hash.to_string(), Entry { rec: rec.clone(), fetched: Instant::now(), generation });
         }
         Ok(rec)
     }

@@ -124,3 +124,138 @@ impl Db {
         Ok(sqlx::query("DELETE FROM usage_events WHERE ts_ms < $1").bind(before_ms).execute(&self.pool).await?.rows_affected())
     }
 }
+
+/// One local day of a key's (or all keys') charged usage, from `usage_buckets`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DayUsage {
+    /// `YYYY-MM-DD`
+    pub day: String,
+    /// Requests not refunded.
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+/// A model's totals over a time range, from `usage_events`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ModelUsage {
+    pub model: String,
+    /// Requests neither refunded nor rejected.
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+/// A usage event with its key's name (absent once the key is deleted), for export.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRow {
+    pub id: i64,
+    pub request_id: String,
+    pub ts_ms: i64,
+    pub key_id: i64,
+    pub key_name: Option<String>,
+    pub route: String,
+    pub model: String,
+    pub status: i64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub duration_ms: u64,
+    pub outcome: String,
+}
+
+impl Db {
+    /// Charged usage per day bucket in `[from_day, to_day]` (`YYYY-MM-DD`, which
+    /// sort as text), summed over all keys or for one; days without usage are absent.
+    pub async fn daily_usage(&self, key_id: Option<i64>, from_day: &str, to_day: &str) -> sqlx::Result<Vec<DayUsage>> {
+        let key_filter = if key_id.is_some() { "AND key_id = $3" } else { "" };
+        let sql = format!(
+            "SELECT bucket, CAST(SUM(requests - refunds) AS BIGINT) AS requests, \
+             CAST(SUM(prompt_tokens) AS BIGINT) AS prompt_tokens, CAST(SUM(completion_tokens) AS BIGINT) AS completion_tokens \
+             FROM usage_buckets WHERE period = 'day' AND bucket >= $1 AND bucket <= $2 {key_filter} \
+             GROUP BY bucket ORDER BY bucket"
+        );
+        let mut q = sqlx::query(&sql).bind(from_day).bind(to_day);
+        if let Some(id) = key_id {
+            q = q.bind(id);
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| {
+                Ok(DayUsage {
+                    day: row.try_get("bucket")?,
+                    requests: to_u64(row.try_get("requests")?),
+                    prompt_tokens: to_u64(row.try_get("prompt_tokens")?),
+                    completion_tokens: to_u64(row.try_get("completion_tokens")?),
+                })
+            })
+            .collect()
+    }
+
+    /// Totals per model of events in `[from_ms, to_ms)`, most tokens first.
+    pub async fn model_usage(&self, key_id: Option<i64>, from_ms: i64, to_ms: i64) -> sqlx::Result<Vec<ModelUsage>> {
+        let key_filter = if key_id.is_some() { "AND key_id = $3" } else { "" };
+        let sql = format!(
+            "SELECT model, CAST(COUNT(*) AS BIGINT) AS requests, CAST(SUM(prompt_tokens) AS BIGINT) AS prompt_tokens, \
+             CAST(SUM(completion_tokens) AS BIGINT) AS completion_tokens FROM usage_events \
+             WHERE ts_ms >= $1 AND ts_ms < $2 AND refunded = 0 AND outcome <> 'rejected' {key_filter} \
+             GROUP BY model ORDER BY CAST(SUM(prompt_tokens) + SUM(completion_tokens) AS BIGINT) DESC, model"
+        );
+        let mut q = sqlx::query(&sql).bind(from_ms).bind(to_ms);
+        if let Some(id) = key_id {
+            q = q.bind(id);
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| {
+                Ok(ModelUsage {
+                    model: row.try_get("model")?,
+                    requests: to_u64(row.try_get("requests")?),
+                    prompt_tokens: to_u64(row.try_get("prompt_tokens")?),
+                    completion_tokens: to_u64(row.try_get("completion_tokens")?),
+                })
+            })
+            .collect()
+    }
+
+    /// Up to `limit` events in `[from_ms, to_ms)` with an id above `after_id`,
+    /// in id order: keyset pages, so an export of any size streams in bounded memory.
+    pub async fn events_page(
+        &self,
+        key_id: Option<i64>,
+        from_ms: i64,
+        to_ms: i64,
+        after_id: i64,
+        limit: i64,
+    ) -> sqlx::Result<Vec<EventRow>> {
+        let key_filter = if key_id.is_some() { "AND e.key_id = $5" } else { "" };
+        let sql = format!(
+            "SELECT e.id, e.request_id, e.ts_ms, e.key_id, k.name AS key_name, e.route, e.model, e.status, \
+             e.prompt_tokens, e.completion_tokens, e.duration_ms, e.outcome \
+             FROM usage_events e LEFT JOIN api_keys k ON k.id = e.key_id \
+             WHERE e.ts_ms >= $1 AND e.ts_ms < $2 AND e.id > $3 {key_filter} ORDER BY e.id LIMIT $4"
+        );
+        let mut q = sqlx::query(&sql).bind(from_ms).bind(to_ms).bind(after_id).bind(limit);
+        if let Some(id) = key_id {
+            q = q.bind(id);
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| {
+                Ok(EventRow {
+                    id: row.try_get("id")?,
+                    request_id: row.try_get("request_id")?,
+                    ts_ms: row.try_get("ts_ms")?,
+                    key_id: row.try_get("key_id")?,
+                    key_name: row.try_get("key_name")?,
+                    route: row.try_get("route")?,
+                    model: row.try_get("model")?,
+                    status: row.try_get("status")?,
+                    prompt_tokens: to_u64(row.try_get("prompt_tokens")?),
+                    completion_tokens: to_u64(row.try_get("completion_tokens")?),
+                    duration_ms: to_u64(row.try_get("duration_ms")?),
+                    outcome: row.try_get("outcome")?,
+                })
+            })
+            .collect()
+    }
+}

@@ -165,7 +165,7 @@ async fn logs_of_a_full_run_contain_no_key_and_no_password() {
         if line.trim_start().starts_with("proxy:") {
             proxy = url;
         } else if line.trim_start().starts_with("admin:") {
-            admin = url.map(|u| u.trim_end_matches("/api/…").to_string());
+            admin = url.map(|u| u.trim_end_matches('/').to_string());
         }
     }
     let (proxy, admin) = (proxy.unwrap(), admin.unwrap());

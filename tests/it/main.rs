@@ -10,3 +10,4 @@ mod mock_selftest;
 mod proxy;
 mod quota;
 mod quota_suite;
+mod ui;
