@@ -181,26 +181,22 @@ impl RelayJob {
             error_forwarded: false,
         };
         let mut framer = Framer { sse: self.dialect.is_sse(), ..Default::default() };
-        let mut upstream = Some(upstream);
+        let mut upstream = upstream;
         while run.outcome.is_none() {
-            let Some(resp) = upstream.as_mut() else { break };
             let frame = match framer.next_frame() {
                 Some(f) => Some(f),
-                None => match tokio::time::timeout(idle, resp.chunk()).await {
+                None => match tokio::time::timeout(idle, upstream.chunk()).await {
                     Ok(Ok(Some(bytes))) => {
                         framer.push(&bytes);
                         continue;
                     }
-                    Ok(Ok(None)) => match framer.finish() {
-                        Some(f) => Some(f),
-                        None => None,
-                    },
+                    Ok(Ok(None)) => framer.finish(),
                     Ok(Err(e)) => {
                         run.fail(format!("upstream stream broke: {e}"));
                         None
                     }
                     Err(_) => {
-                        run.fail(format!("upstream sent nothing for {}s", idle.as_secs()));
+                        run.fail(format!("upstream sent nothing for {idle:?}"));
                         None
                     }
                 },
@@ -208,17 +204,12 @@ impl RelayJob {
             match frame {
                 Some(frame) => self.handle(&mut run, frame).await,
                 None if run.outcome.is_none() && run.saw_finish => run.outcome = Some(Outcome::Complete),
-                None if run.outcome.is_none() => {
-                    // The stream ended without its final chunk.
-                    run.fail("upstream ended the stream early".into());
-                }
+                // The stream ended without its final chunk.
+                None if run.outcome.is_none() => run.fail("upstream ended the stream early".into()),
                 None => {}
             }
-            if run.outcome.is_some() {
-                // Dropping the response cancels the upstream request.
-                upstream = None;
-            }
         }
+        // Dropping the response cancels the upstream request.
         drop(upstream);
         self.finish(run).await;
     }
