@@ -49,10 +49,10 @@ pub struct Settings {
     pub default_model: String,
 }
 
-pub struct SettingsCache(RwLock<Settings>);
+pub struct SettingsCache(RwLock<Arc<Settings>>);
 
 impl SettingsCache {
-    pub fn get(&self) -> Settings {
+    pub fn get(&self) -> Arc<Settings> {
         self.0.read().map(|s| s.clone()).unwrap_or_else(|p| p.into_inner().clone())
     }
 
@@ -63,7 +63,7 @@ impl SettingsCache {
             default_model: db.get_setting(settings::DEFAULT_MODEL).await?.unwrap_or_else(|| config.default_model.clone()),
         };
         if let Ok(mut s) = self.0.write() {
-            *s = fresh;
+            *s = Arc::new(fresh);
         }
         Ok(())
     }
@@ -186,10 +186,10 @@ impl App {
             config.log_file.as_ref().map(PathBuf::from),
             Duration::from_secs(u64::from(config.usage_retention_days) * 86_400),
         );
-        let settings = Arc::new(SettingsCache(RwLock::new(Settings {
+        let settings = Arc::new(SettingsCache(RwLock::new(Arc::new(Settings {
             ollama_url: config.ollama_url.clone(),
             default_model: config.default_model.clone(),
-        })));
+        }))));
         settings.reload(&db, &config).await.context("loading settings")?;
         let proxy = TcpListener::bind((config.proxy_host, config.proxy_port))
             .await
@@ -268,6 +268,11 @@ impl App {
         let serve = |listener: TcpListener, app: Router| {
             let stop = stop.clone();
             tokio::spawn(async move {
+                // Without TCP_NODELAY, small stream chunks wait for the
+                // client's delayed ACK (~40 ms each).
+                let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+                    let _ = tcp.set_nodelay(true);
+                });
                 axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
                     .with_graceful_shutdown(async move { stop.cancelled().await })
                     .await

@@ -48,9 +48,31 @@ fn pieces(text: &str) -> impl Iterator<Item = &str> {
     cuts.into_iter().filter(|(a, b)| b > a).map(move |(a, b)| &text[a..b])
 }
 
+/// Stream chunks are mostly single words that repeat ("the", " and",
+/// punctuation): a small per-thread memo spares the regex and BPE work.
+const MEMO_MAX_LEN: usize = 24;
+const MEMO_ENTRIES: usize = 4096;
+
+thread_local! {
+    static MEMO: std::cell::RefCell<std::collections::HashMap<Box<str>, u64>> = Default::default();
+}
+
 pub fn count_text(text: &str) -> u64 {
+    if text.len() <= MEMO_MAX_LEN {
+        if let Some(n) = MEMO.with(|m| m.borrow().get(text).copied()) {
+            return n;
+        }
+        let n = bpe().encode_ordinary(text).len() as u64;
+        MEMO.with(|m| {
+            let mut m = m.borrow_mut();
+            if m.len() >= MEMO_ENTRIES {
+                m.clear();
+            }
+            m.insert(text.into(), n);
+        });
+        return n;
+    }
     if text.len() <= RUN {
-        // a stream chunk: the common case on the hot path
         return bpe().encode_ordinary(text).len() as u64;
     }
     pieces(text).map(|p| bpe().encode_ordinary(p).len() as u64).sum()

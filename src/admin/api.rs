@@ -297,7 +297,7 @@ pub(crate) async fn put_settings_from(state: &AppState, body: &Map<String, Value
 }
 
 async fn ollama_models(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let base = state.settings.get().ollama_url;
+    let base = state.settings.get().ollama_url.clone();
     let (status, body) =
         upstream::get_json(&state.http, &base, "/api/tags", state.config.upstream_timeout).await.map_err(|f| f.into_error())?;
     if !status.is_success() {

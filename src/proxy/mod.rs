@@ -179,11 +179,11 @@ async fn count_prompt(dialect: Dialect, body: serde_json::Map<String, Value>, si
 
 async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let request_id = uuid::Uuid::new_v4().to_string();
+    let request_id = crate::quota::fast_id();
     let key = auth::authenticate(&state.keys, &state.db, &headers, state.quota.now()).await?;
     let bytes = body_bytes(body)?;
-    let default_model = state.settings.get().default_model;
-    let parsed = parse_request(dialect, &bytes, &default_model)?;
+    let settings = state.settings.get();
+    let parsed = parse_request(dialect, &bytes, &settings.default_model)?;
     if !key.allows_model(&parsed.model) {
         return Err(ApiError::forbidden(format!("API key '{}' may not use model '{}'", key.name, parsed.model)));
     }
@@ -240,8 +240,7 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
             o.insert("include_usage".into(), Value::Bool(true));
         }
     }
-    let base = state.settings.get().ollama_url;
-    let req = state.http.post(format!("{base}{}", dialect.route())).json(&body);
+    let req = state.http.post(format!("{}{}", settings.ollama_url, dialect.route())).json(&body);
     let fail = |state: &AppState, r: &Reservation, status: StatusCode, refund: bool, model: &str| {
         let now = state.quota.now();
         state.events.record(UsageEvent {
@@ -373,7 +372,7 @@ pub fn rate_limit_headers(h: &mut HeaderMap, status: &QuotaStatus, now: DateTime
 async fn passthrough(state: &AppState, headers: &HeaderMap, path: &str, protocol: Protocol) -> Response {
     let result = async {
         auth::authenticate(&state.keys, &state.db, headers, state.quota.now()).await?;
-        let base = state.settings.get().ollama_url;
+        let base = state.settings.get().ollama_url.clone();
         let (status, body) =
             upstream::get_json(&state.http, &base, path, state.config.upstream_timeout).await.map_err(|f| f.into_error())?;
         Ok::<_, ApiError>((status, Json(body)).into_response())
