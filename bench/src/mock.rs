@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -25,7 +25,7 @@ use hyper_util::rt::TokioIo;
 use llm_quota::tokens::{count_chat_prompt, count_generate_prompt, count_ollama_chunk, count_openai_chunk};
 use serde_json::{json, Value};
 
-type Body = BoxBody<Bytes, Infallible>;
+type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 /// Response timing of the mock, chosen per request through the model name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,7 +145,7 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
 }
 
 fn full(b: impl Into<Bytes>) -> Body {
-    Full::new(b.into()).boxed()
+    Full::new(b.into()).boxed_unsync()
 }
 
 fn json_response(status: StatusCode, body: String) -> Response<Body> {
@@ -161,24 +161,26 @@ enum Endpoint {
     Generate,
 }
 
-/// Parses a generation request; `Err` is the ready error response.
-fn accept(raw: &[u8], openai: bool) -> Result<(Value, String), Response<Body>> {
-    let err = |status: StatusCode, msg: String| {
-        let body = if openai {
-            json!({"error": {"message": msg, "type": "invalid_request_error", "param": null, "code": null}})
-        } else {
-            json!({"error": msg})
-        };
-        json_response(status, body.to_string())
+/// An error in the route's protocol.
+fn error_response(openai: bool, status: StatusCode, msg: String) -> Response<Body> {
+    let body = if openai {
+        json!({"error": {"message": msg, "type": "invalid_request_error", "param": null, "code": null}})
+    } else {
+        json!({"error": msg})
     };
+    json_response(status, body.to_string())
+}
+
+/// Parses a generation request: the body and its model, or why not.
+fn accept(raw: &[u8]) -> Result<(Value, String), (StatusCode, String)> {
     let req: Value =
-        serde_json::from_slice(raw).map_err(|e| err(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))?;
+        serde_json::from_slice(raw).map_err(|e| (StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))?;
     match req.get("model").and_then(Value::as_str) {
         Some(m) if !m.is_empty() => {
             let m = m.to_owned();
             Ok((req, m))
         }
-        _ => Err(err(StatusCode::BAD_REQUEST, "model is required".into())),
+        _ => Err((StatusCode::BAD_REQUEST, "model is required".into())),
     }
 }
 
@@ -218,7 +220,7 @@ fn stream_response(content_type: &'static str, knobs: Knobs, mut records: Record
             let r = records(i)?;
             Some((Ok::<_, Infallible>(Frame::data(Bytes::from(r))), (i + 1, records)))
         });
-        StreamBody::new(s).boxed()
+        StreamBody::new(s).boxed_unsync()
     };
     let mut r = Response::new(body);
     let h = r.headers_mut();
@@ -228,9 +230,9 @@ fn stream_response(content_type: &'static str, knobs: Knobs, mut records: Record
 }
 
 async fn ollama(ep: Endpoint, raw: &[u8]) -> Response<Body> {
-    let (req, model) = match accept(raw, false) {
+    let (req, model) = match accept(raw) {
         Ok(a) => a,
-        Err(resp) => return resp,
+        Err((status, msg)) => return error_response(false, status, msg),
     };
     let knobs = Knobs::parse(&model);
     let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(true);
@@ -314,9 +316,9 @@ async fn ollama(ep: Endpoint, raw: &[u8]) -> Response<Body> {
 }
 
 async fn openai(raw: &[u8]) -> Response<Body> {
-    let (req, model) = match accept(raw, true) {
+    let (req, model) = match accept(raw) {
         Ok(a) => a,
-        Err(resp) => return resp,
+        Err((status, msg)) => return error_response(true, status, msg),
     };
     let knobs = Knobs::parse(&model);
     let stream = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
@@ -353,20 +355,24 @@ async fn openai(raw: &[u8]) -> Response<Body> {
             "data: {{{common},\"choices\":[{{\"index\":0,\"delta\":{delta},\"logprobs\":null,\"finish_reason\":{finish}}}]{null_usage}}}\n\n"
         )
     };
-    // Records: role delta, n words, finish, [usage], [DONE].
+    // Records: role delta, n words, then the end in one write — finish chunk,
+    // usage chunk when asked for, `[DONE]` — as servers send it: they have
+    // nothing left to generate, so a paced mock must not pace these.
     let records: Records = Box::new(move |i| {
-        let after = i.checked_sub(n + 2);
         Some(match i {
             0 => chunk(r#"{"role":"assistant","content":""}"#, "null"),
             i if i <= n => chunk(&format!("{{\"content\":\"{}\"}}", reply_word(i - 1)), "null"),
-            i if i == n + 1 => chunk("{}", &format!("\"{reason}\"")),
-            _ => match (after, include_usage) {
-                (Some(0), true) => format!(
-                    "data: {{\"id\":\"{id}\",\"object\":\"chat.completion.chunk\",\"created\":{created},\"model\":{model_json},\"system_fingerprint\":\"fp_mock\",\"choices\":[],\"usage\":{usage}}}\n\n"
-                ),
-                (Some(0), false) | (Some(1), true) => "data: [DONE]\n\n".to_owned(),
-                _ => return None,
-            },
+            i if i == n + 1 => {
+                let mut end = chunk("{}", &format!("\"{reason}\""));
+                if include_usage {
+                    end.push_str(&format!(
+                        "data: {{\"id\":\"{id}\",\"object\":\"chat.completion.chunk\",\"created\":{created},\"model\":{model_json},\"system_fingerprint\":\"fp_mock\",\"choices\":[],\"usage\":{usage}}}\n\n"
+                    ));
+                }
+                end.push_str("data: [DONE]\n\n");
+                end
+            }
+            _ => return None,
         })
     });
     stream_response("text/event-stream", knobs, records)
@@ -381,6 +387,43 @@ mod tests {
         let k = Knobs { delay_ms: 50, chunks: 64, gap_ms: 20 };
         assert_eq!(Knobs::parse(&k.model()), k);
         assert_eq!(Knobs::parse("llama3"), Knobs { delay_ms: 0, chunks: 16, gap_ms: 0 });
+    }
+
+    /// Every route and mode, through HTTP, parsed the way the load generator
+    /// compares replies: the counts are those of `llm_quota::tokens`.
+    #[tokio::test]
+    async fn replies_carry_the_gateway_token_counts() {
+        use crate::load::{body, summarise, Api};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        tokio::spawn(serve(listener));
+        let http = reqwest::Client::builder().no_proxy().build().expect("client");
+        let knobs = Knobs { delay_ms: 1, chunks: 5, gap_ms: 1 };
+        for api in [Api::OpenAi, Api::Chat, Api::Generate] {
+            for (stream, usage) in [(false, false), (true, false), (true, true)] {
+                if usage && api != Api::OpenAi {
+                    continue;
+                }
+                let mut req: Value = serde_json::from_slice(&body(api, knobs, 200, stream)).expect("JSON");
+                if usage {
+                    req["stream_options"] = json!({"include_usage": true});
+                }
+                let prompt = match api {
+                    Api::Generate => count_generate_prompt(&req),
+                    _ => count_chat_prompt(&req),
+                };
+                let completion = completion_tokens(5, api == Api::OpenAi);
+                let resp = http.post(format!("{url}{}", api.path())).body(req.to_string()).send().await.expect("request");
+                assert_eq!(resp.status(), 200);
+                let bytes = resp.bytes().await.expect("body");
+                let got = summarise(api, stream, &bytes).expect("parsable reply");
+                let counted = api != Api::OpenAi || !stream || usage;
+                let (p, c) = if counted { (prompt.to_string(), completion.to_string()) } else { ("-".into(), "-".into()) };
+                let end = if api == Api::OpenAi && !stream { "no" } else { "yes" };
+                let want = format!("text={:?} prompt={p} completion={c} finish=stop end={end}", reply_text(5));
+                assert_eq!(got, want, "{} stream={stream} usage={usage}", api.path());
+            }
+        }
     }
 
     #[test]
