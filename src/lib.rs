@@ -142,6 +142,16 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     (status, Json(json!({"status": word, "database": show(&db), "quota_store": show(&quota)})))
 }
 
+/// A listener with a deep accept queue: a burst of new streams must not
+/// overflow the default backlog of 128 (dropped SYNs cost clients a second).
+fn bind(host: std::net::IpAddr, port: u16) -> std::io::Result<TcpListener> {
+    let addr = SocketAddr::new(host, port);
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
 pub struct App {
     pub state: AppState,
     pub proxy_addr: SocketAddr,
@@ -191,15 +201,11 @@ impl App {
             default_model: config.default_model.clone(),
         }))));
         settings.reload(&db, &config).await.context("loading settings")?;
-        let proxy = TcpListener::bind((config.proxy_host, config.proxy_port))
-            .await
-            .with_context(|| format!("binding the proxy to {}:{}", config.proxy_host, config.proxy_port))?;
-        let admin = TcpListener::bind((config.admin_host, config.admin_port))
-            .await
-            .with_context(|| format!("binding the admin to {}:{}", config.admin_host, config.admin_port))?;
-        let metrics = TcpListener::bind((config.proxy_host, config.metrics_port))
-            .await
-            .with_context(|| format!("binding metrics to {}:{}", config.proxy_host, config.metrics_port))?;
+        let proxy = bind(config.proxy_host, config.proxy_port).with_context(|| format!("binding the proxy to {}:{}", config.proxy_host, config.proxy_port))?;
+        let admin = bind(config.admin_host, config.admin_port).with_context(|| format!("binding the admin to {}:{}", config.admin_host, config.admin_port))?;
+        let metrics = bind(config.proxy_host, config.metrics_port).with_context(|| format!("binding metrics to {}:{}", config.proxy_host, config.metrics_port))?;
+        // Load the tokenizer's vocabulary now, not during the first request.
+        tokio::task::spawn_blocking(|| tokens::count_text("warm up the tokenizer")).await?;
         metrics::handle();
         let proxy_addr = proxy.local_addr()?;
         let (config_redis, config_prefix) = (config.redis_url.clone(), config.redis_prefix.clone());

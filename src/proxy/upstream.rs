@@ -12,6 +12,9 @@ pub fn client(config: &Config) -> reqwest::Client {
     reqwest::Client::builder()
         .connect_timeout(config.upstream_connect_timeout)
         .pool_idle_timeout(Duration::from_secs(90))
+        // Idle upstream connections left from a burst of streams are kept
+        // up to this many; the rest close.
+        .pool_max_idle_per_host(64)
         .tcp_nodelay(true)
         .build()
         .expect("static reqwest configuration is valid")
