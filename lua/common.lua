@@ -1,7 +1,8 @@
 -- llm-quota quota scripts, version 1: shared part, prepended to each script.
 -- Every key a script touches carries the API key's hash tag ("<prefix>:{<id>}"),
 -- so a script stays within one slot (Redis Cluster safe).
--- ARGV[1] = "<prefix>:{<key id>}", ARGV[2] = now (unix ms).
+-- ARGV[1] = "<prefix>:{<key id>}", ARGV[2] = now (unix ms; 0 for scripts that
+-- do not sweep lapsed reservations: lease, settle, seed, dirty).
 -- A bucket is a hash: req (admissions), ref (refunds), pt / ct (charged
 -- prompt / completion tokens), rsv (held by in-flight requests).
 local base = ARGV[1]

@@ -23,13 +23,13 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
-use self::relay::{Dialect, RelayJob, Sink};
+use self::relay::{Dialect, RelayJob, RequestMeta, Sink};
 use crate::{
     config::FailureMode,
     metrics,
     error::{ApiError, Protocol},
     quota::{buckets::local_display, Admission, Charge, QuotaStatus, Reservation, Window},
-    store::{keys::KeyRecord, usage::UsageEvent},
+    store::keys::KeyRecord,
     tokens, AppState,
 };
 
@@ -179,7 +179,6 @@ async fn count_prompt(dialect: Dialect, body: serde_json::Map<String, Value>, si
 
 async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let request_id = crate::quota::fast_id();
     let key = auth::authenticate(&state.keys, &state.db, &headers, state.quota.now()).await?;
     let bytes = body_bytes(body)?;
     let settings = state.settings.get();
@@ -187,6 +186,7 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
     if !key.allows_model(&parsed.model) {
         return Err(ApiError::forbidden(format!("API key '{}' may not use model '{}'", key.name, parsed.model)));
     }
+    let meta = RequestMeta { request_id: crate::quota::fast_id(), key_id: key.id, dialect, model: parsed.model.clone(), started };
     let (mut body, prompt_tokens) = count_prompt(dialect, parsed.body, bytes.len()).await;
     drop(bytes);
 
@@ -211,20 +211,7 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
                 local_display(rej.reset_at, state.quota.tz())
             );
             let retry = (rej.reset_at - now).num_seconds().max(1);
-            state.events.record(UsageEvent {
-                request_id,
-                ts_ms: now.timestamp_millis(),
-                day: rej.status.day_bucket.clone(),
-                key_id: key.id,
-                route: dialect.route().into(),
-                model: parsed.model,
-                status: 429,
-                prompt_tokens: 0,
-                completion_tokens: 0,
-                duration_ms: started.elapsed().as_millis() as u64,
-                refunded: false,
-                outcome: "rejected",
-            });
+            state.events.record(meta.event(now, &rej.status.day_bucket, 429, (0, 0), false, "rejected"));
             let mut err = ApiError::new(StatusCode::TOO_MANY_REQUESTS, msg)
                 .with_header(header::RETRY_AFTER, HeaderValue::from(retry));
             rate_limit_headers(&mut err.headers, &rej.status, now);
@@ -241,22 +228,9 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
         }
     }
     let req = state.http.post(format!("{}{}", settings.ollama_url, dialect.route())).json(&body);
-    let fail = |state: &AppState, r: &Reservation, status: StatusCode, refund: bool, model: &str| {
-        let now = state.quota.now();
-        state.events.record(UsageEvent {
-            request_id: request_id.clone(),
-            ts_ms: now.timestamp_millis(),
-            day: r.resv.day.clone(),
-            key_id: key.id,
-            route: dialect.route().into(),
-            model: model.to_string(),
-            status: status.as_u16(),
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            duration_ms: started.elapsed().as_millis() as u64,
-            refunded: refund,
-            outcome: if refund { "upstream_error" } else { "upstream_rejected" },
-        });
+    let fail = |r: &Reservation, status: StatusCode, refund: bool| {
+        let outcome = if refund { "upstream_error" } else { "upstream_rejected" };
+        state.events.record(meta.event(state.quota.now(), &r.resv.day, status.as_u16(), (0, 0), refund, outcome));
     };
     let overhead = started.elapsed();
     let sent = Instant::now();
@@ -267,7 +241,7 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
         Err(failure) => {
             let err = failure.into_error();
             settle_refund(&state, &reservation, true).await;
-            fail(&state, &reservation, err.status, true, &parsed.model);
+            fail(&reservation, err.status, true);
             return Err(err);
         }
     };
@@ -280,7 +254,7 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
         let body = tokio::time::timeout(state.config.upstream_timeout, upstream.bytes()).await.ok().and_then(Result::ok);
         let refund = status.is_server_error();
         settle_refund(&state, &reservation, refund).await;
-        fail(&state, &reservation, status, refund, &parsed.model);
+        fail(&reservation, status, refund);
         ::metrics::histogram!(metrics::GATEWAY_OVERHEAD, "route" => dialect.route()).record(overhead.as_secs_f64());
         let mut resp = (status, body.unwrap_or_default()).into_response();
         if let Some(ct) = content_type {
@@ -292,19 +266,15 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
 
     let mut extra = HeaderMap::new();
     rate_limit_headers(&mut extra, &reservation.status, now);
-    extra.insert(HeaderName::from_static("x-request-id"), HeaderValue::from_str(&request_id).expect("uuid is ASCII"));
+    extra.insert(HeaderName::from_static("x-request-id"), HeaderValue::from_str(&meta.request_id).expect("hex id is ASCII"));
     let job = |sink| RelayJob {
         state: state.clone(),
-        dialect,
-        key_id: key.id,
-        model: parsed.model.clone(),
+        meta,
         reservation,
         sink,
         client_wants_usage: parsed.client_wants_usage,
-        started,
         overhead,
         _in_flight: metrics::InFlight::start(),
-        request_id: request_id.clone(),
     };
     if parsed.client_stream {
         let (tx, rx) = mpsc::channel(16);

@@ -135,20 +135,45 @@ pub enum Sink {
     Whole(oneshot::Sender<Result<Value, ApiError>>),
 }
 
+/// What identifies one completion request, from admission to its usage event.
+pub struct RequestMeta {
+    pub request_id: String,
+    pub key_id: i64,
+    pub dialect: Dialect,
+    pub model: String,
+    pub started: Instant,
+}
+
+impl RequestMeta {
+    /// The request's usage event (recorded once, when it is over).
+    pub fn event(&self, now: chrono::DateTime<chrono::Utc>, day: &str, status: u16, tokens: (u64, u64), refunded: bool, outcome: &'static str) -> UsageEvent {
+        UsageEvent {
+            request_id: self.request_id.clone(),
+            ts_ms: now.timestamp_millis(),
+            day: day.to_string(),
+            key_id: self.key_id,
+            route: self.dialect.route().to_string(),
+            model: self.model.clone(),
+            status,
+            prompt_tokens: tokens.0,
+            completion_tokens: tokens.1,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            refunded,
+            outcome,
+        }
+    }
+}
+
 pub struct RelayJob {
     pub state: AppState,
-    pub dialect: Dialect,
-    pub key_id: i64,
-    pub model: String,
+    pub meta: RequestMeta,
     pub reservation: Reservation,
     pub sink: Sink,
     /// OpenAI stream: the client asked for the usage chunk itself.
     pub client_wants_usage: bool,
-    pub started: Instant,
     /// Time the gateway spent before calling the upstream.
     pub overhead: std::time::Duration,
     pub _in_flight: metrics::InFlight,
-    pub request_id: String,
 }
 
 struct Run {
@@ -174,13 +199,13 @@ impl RelayJob {
             upstream_usage: None,
             outcome: None,
             error: None,
-            ollama: ollama::Assembler::new(self.dialect == Dialect::OllamaGenerate),
+            ollama: ollama::Assembler::new(self.meta.dialect == Dialect::OllamaGenerate),
             openai: openai::Assembler::default(),
             final_chunk: None,
             saw_finish: false,
             error_forwarded: false,
         };
-        let mut framer = Framer { sse: self.dialect.is_sse(), ..Default::default() };
+        let mut framer = Framer { sse: self.meta.dialect.is_sse(), ..Default::default() };
         let mut upstream = upstream;
         while run.outcome.is_none() {
             let frame = match framer.next_frame() {
@@ -230,7 +255,7 @@ impl RelayJob {
     }
 
     fn frame_bytes(&self, json: &str) -> Bytes {
-        if self.dialect.is_sse() {
+        if self.meta.dialect.is_sse() {
             Bytes::from(format!("data: {json}\n\n"))
         } else {
             Bytes::from(format!("{json}\n"))
@@ -263,7 +288,7 @@ impl RelayJob {
             run.fail(msg);
             return;
         }
-        let n = self.dialect.count(&v);
+        let n = self.meta.dialect.count(&v);
         if n > 0 {
             let need = self.reservation.prompt_tokens + run.metered + n;
             if need > self.reservation.held {
@@ -283,7 +308,7 @@ impl RelayJob {
             }
             run.metered += n;
         }
-        match self.dialect {
+        match self.meta.dialect {
             Dialect::OpenAiChat => {
                 run.openai.meta.observe(&v);
                 run.saw_finish |= v
@@ -329,10 +354,10 @@ impl RelayJob {
     /// ends one that ran out of `max_tokens`.
     async fn end_at_quota(&mut self, run: &mut Run) {
         run.outcome = Some(Outcome::Quota);
-        ::metrics::counter!(metrics::STREAMS_ENDED_AT_QUOTA, "route" => self.dialect.route()).increment(1);
+        ::metrics::counter!(metrics::STREAMS_ENDED_AT_QUOTA, "route" => self.meta.dialect.route()).increment(1);
         let (prompt, completion) = (self.reservation.prompt_tokens, run.metered);
         if let Sink::Stream(_) = self.sink {
-            let frames: Vec<Bytes> = match self.dialect {
+            let frames: Vec<Bytes> = match self.meta.dialect {
                 Dialect::OpenAiChat => {
                     let mut out = vec![self.frame_bytes(&run.openai.meta.length_chunk().to_string())];
                     if self.client_wants_usage {
@@ -342,8 +367,8 @@ impl RelayJob {
                     out
                 }
                 d => {
-                    let elapsed = self.started.elapsed().as_nanos() as u64;
-                    let chunk = ollama::length_chunk(d == Dialect::OllamaGenerate, &self.model, prompt, completion, elapsed);
+                    let elapsed = self.meta.started.elapsed().as_nanos() as u64;
+                    let chunk = ollama::length_chunk(d == Dialect::OllamaGenerate, &self.meta.model, prompt, completion, elapsed);
                     vec![self.frame_bytes(&chunk.to_string())]
                 }
             };
@@ -362,7 +387,7 @@ impl RelayJob {
             // A stream that broke off gets an error in its protocol, so the
             // client can tell it from a complete answer.
             let msg = run.error.clone().unwrap_or_else(|| "upstream error".into());
-            let frame = match self.dialect {
+            let frame = match self.meta.dialect {
                 Dialect::OpenAiChat => json!({"error": {"message": msg, "type": "api_error", "param": null, "code": null}}),
                 _ => json!({"error": msg}),
             };
@@ -385,7 +410,7 @@ impl RelayJob {
             // The reservation lapses and is charged what it held.
             tracing::error!(error = %e, "settle failed");
         }
-        ::metrics::histogram!(metrics::GATEWAY_OVERHEAD, "route" => self.dialect.route())
+        ::metrics::histogram!(metrics::GATEWAY_OVERHEAD, "route" => self.meta.dialect.route())
             .record((self.overhead + settling.elapsed()).as_secs_f64());
         let mut status = StatusCode::OK;
         if let Sink::Whole(tx) = self.sink {
@@ -394,17 +419,17 @@ impl RelayJob {
                     status = StatusCode::BAD_GATEWAY;
                     Err(ApiError::new(status, run.error.clone().unwrap_or_else(|| "upstream error".into())))
                 }
-                _ => Ok(match self.dialect {
+                _ => Ok(match self.meta.dialect {
                     Dialect::OpenAiChat => run.openai.finish(outcome == Outcome::Quota, (prompt, completion)),
                     d => {
                         let final_chunk = match (outcome, run.final_chunk) {
                             (Outcome::Complete, Some(f)) => f,
                             _ => ollama::length_chunk(
                                 d == Dialect::OllamaGenerate,
-                                &self.model,
+                                &self.meta.model,
                                 prompt,
                                 completion,
-                                self.started.elapsed().as_nanos() as u64,
+                                self.meta.started.elapsed().as_nanos() as u64,
                             ),
                         };
                         run.ollama.finish(final_chunk)
@@ -414,23 +439,10 @@ impl RelayJob {
             let _ = tx.send(answer);
         }
         if let Some(err) = &run.error {
-            tracing::warn!(request_id = %self.request_id, error = %err, "upstream failed during the completion");
+            tracing::warn!(request_id = %self.meta.request_id, error = %err, "upstream failed during the completion");
         }
-        let now = self.state.quota.now();
-        self.state.events.record(UsageEvent {
-            request_id: self.request_id,
-            ts_ms: now.timestamp_millis(),
-            day: self.reservation.resv.day.clone(),
-            key_id: self.key_id,
-            route: self.dialect.route().to_string(),
-            model: self.model,
-            status: status.as_u16(),
-            prompt_tokens: prompt,
-            completion_tokens: completion,
-            duration_ms: self.started.elapsed().as_millis() as u64,
-            refunded: refund,
-            outcome: outcome.as_str(),
-        });
+        let event = self.meta.event(self.state.quota.now(), &self.reservation.resv.day, status.as_u16(), (prompt, completion), refund, outcome.as_str());
+        self.state.events.record(event);
     }
 }
 
@@ -445,11 +457,12 @@ impl Run {
 mod tests {
     use super::*;
 
-    fn frames(sse: bool, input: &[&[u8]]) -> Vec<Frame> {
+    /// Frames of a stream that arrives in `input`'s pieces.
+    pub(super) fn frames(sse: bool, input: &[impl AsRef<[u8]>]) -> Vec<Frame> {
         let mut f = Framer { sse, ..Default::default() };
         let mut out = Vec::new();
         for part in input {
-            f.push(part);
+            f.push(part.as_ref());
             while let Some(fr) = f.next_frame() {
                 out.push(fr);
             }
@@ -460,13 +473,13 @@ mod tests {
 
     #[test]
     fn ndjson_lines_split_across_reads() {
-        let out = frames(false, &[b"{\"a\":", b"1}\n{\"b\"", b":2}\n\n{\"c\":3}"]);
+        let out = frames(false, &["{\"a\":", "1}\n{\"b\"", ":2}\n\n{\"c\":3}"]);
         assert_eq!(out, vec![Frame::Data("{\"a\":1}".into()), Frame::Data("{\"b\":2}".into()), Frame::Data("{\"c\":3}".into())]);
     }
 
     #[test]
     fn sse_events_comments_and_done() {
-        let out = frames(true, &[b": keep-alive\n\ndata: {\"x\"", b":1}\r\n\r\ndata: [DONE]\n\n"]);
+        let out = frames(true, &[": keep-alive\n\ndata: {\"x\"", ":1}\r\n\r\ndata: [DONE]\n\n"]);
         assert_eq!(out, vec![Frame::Data("{\"x\":1}".into()), Frame::Done]);
     }
 }
@@ -476,19 +489,6 @@ mod fuzz {
     use proptest::prelude::*;
 
     use super::*;
-
-    fn all_frames(sse: bool, parts: &[Vec<u8>]) -> Vec<Frame> {
-        let mut f = Framer { sse, ..Default::default() };
-        let mut out = Vec::new();
-        for p in parts {
-            f.push(p);
-            while let Some(fr) = f.next_frame() {
-                out.push(fr);
-            }
-        }
-        out.extend(f.finish());
-        out
-    }
 
     fn split(bytes: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
         let mut points: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
@@ -516,15 +516,15 @@ mod fuzz {
             } else {
                 lines.iter().map(|l| format!("{l}\n")).collect()
             };
-            let whole = all_frames(sse, &[body.as_bytes().to_vec()]);
-            let pieces = all_frames(sse, &split(body.as_bytes(), &cuts));
+            let whole = super::tests::frames(sse, &[body.as_bytes()]);
+            let pieces = super::tests::frames(sse, &split(body.as_bytes(), &cuts));
             prop_assert_eq!(whole, pieces);
         }
 
         /// Arbitrary bytes (invalid UTF-8, stray CRs, huge lines) never panic.
         #[test]
         fn framing_survives_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..2000), sse in any::<bool>()) {
-            let _ = all_frames(sse, &[bytes]);
+            let _ = super::tests::frames(sse, &[bytes]);
         }
 
         /// Chunk counting and the assemblers accept any JSON without panicking.

@@ -205,13 +205,12 @@ impl QuotaStore for RedisStore {
 
     async fn lease(&self, resv: &ReservationRef, limits: &Limits, want: u64, expires_at_ms: i64) -> Result<u64, StoreError> {
         let base = self.base(resv.key_id);
-        let now = chrono::Utc::now().timestamp_millis();
         let granted: i64 = self
             .run("lease", |mut c| async move {
                 self.scripts
                     .lease
                     .arg(&base)
-                    .arg(now)
+                    .arg(0)
                     .arg(&resv.id)
                     .arg(want)
                     .arg(expires_at_ms)
@@ -227,13 +226,12 @@ impl QuotaStore for RedisStore {
 
     async fn settle(&self, resv: &ReservationRef, charge: Charge) -> Result<(), StoreError> {
         let base = self.base(resv.key_id);
-        let now = chrono::Utc::now().timestamp_millis();
         let _: i64 = self
             .run("settle", |mut c| async move {
                 self.scripts
                     .settle
                     .arg(&base)
-                    .arg(now)
+                    .arg(0)
                     .arg(&resv.id)
                     .arg(charge.prompt_tokens)
                     .arg(charge.completion_tokens)
