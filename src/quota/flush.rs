@@ -100,7 +100,7 @@ impl Flusher {
             }
         }
         self.pending.extend(fresh);
-        for batch in self.pending.chunks(500) {
+        for batch in self.pending.chunks(2048) {
             self.db.insert_events(batch).await?;
         }
         self.pending.clear();

@@ -76,32 +76,33 @@ impl Db {
         tx.commit().await
     }
 
-    /// Insert events; a request id already present is skipped (a retried batch).
+    /// Insert events; a request id already present is skipped (a retried
+    /// batch). Rows go in multi-row statements of `EVENT_ROWS`: one round
+    /// trip per statement instead of one per event.
     pub async fn insert_events(&self, events: &[UsageEvent]) -> sqlx::Result<()> {
         if events.is_empty() {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
-        for e in events {
-            sqlx::query(
-                "INSERT INTO usage_events (request_id, ts_ms, day, key_id, route, model, status, prompt_tokens, \
-                 completion_tokens, duration_ms, refunded, outcome) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (request_id) DO NOTHING",
-            )
-            .bind(&e.request_id)
-            .bind(e.ts_ms)
-            .bind(&e.day)
-            .bind(e.key_id)
-            .bind(&e.route)
-            .bind(&e.model)
-            .bind(i64::from(e.status))
-            .bind(to_i64(e.prompt_tokens))
-            .bind(to_i64(e.completion_tokens))
-            .bind(to_i64(e.duration_ms))
-            .bind(i64::from(e.refunded))
-            .bind(e.outcome)
-            .execute(&mut *tx)
-            .await?;
+        for batch in events.chunks(EVENT_ROWS) {
+            let sql = events_insert_sql(batch.len());
+            let mut q = sqlx::query(&sql);
+            for e in batch {
+                q = q
+                    .bind(e.request_id.as_str())
+                    .bind(e.ts_ms)
+                    .bind(e.day.as_str())
+                    .bind(e.key_id)
+                    .bind(e.route.as_str())
+                    .bind(e.model.as_str())
+                    .bind(i64::from(e.status))
+                    .bind(to_i64(e.prompt_tokens))
+                    .bind(to_i64(e.completion_tokens))
+                    .bind(to_i64(e.duration_ms))
+                    .bind(i64::from(e.refunded))
+                    .bind(e.outcome);
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await
     }
@@ -123,6 +124,29 @@ impl Db {
     pub async fn prune_events(&self, before_ms: i64) -> sqlx::Result<u64> {
         Ok(sqlx::query("DELETE FROM usage_events WHERE ts_ms < $1").bind(before_ms).execute(&self.pool).await?.rows_affected())
     }
+}
+
+/// Rows per `INSERT` of usage events: 12 parameters each, well under
+/// SQLite's 32,766 and PostgreSQL's 65,535 bind parameters.
+const EVENT_ROWS: usize = 256;
+
+/// `INSERT … VALUES ($1, …, $12), ($13, …), …` for `rows` events.
+fn events_insert_sql(rows: usize) -> String {
+    use std::fmt::Write;
+    let mut sql = String::from(
+        "INSERT INTO usage_events (request_id, ts_ms, day, key_id, route, model, status, prompt_tokens, \
+         completion_tokens, duration_ms, refunded, outcome) VALUES ",
+    );
+    for r in 0..rows {
+        sql.push_str(if r == 0 { "(" } else { ", (" });
+        for c in 0..12 {
+            let sep = if c == 0 { "" } else { ", " };
+            let _ = write!(sql, "{sep}${}", r * 12 + c + 1);
+        }
+        sql.push(')');
+    }
+    sql.push_str(" ON CONFLICT (request_id) DO NOTHING");
+    sql
 }
 
 /// One local day of a key's (or all keys') charged usage, from `usage_buckets`.
