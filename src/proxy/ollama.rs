@@ -1,8 +1,13 @@
 //! Ollama's native protocol (`/api/chat`, `/api/generate`): NDJSON chunks,
 //! the final `done: true` statistics, and the single non-stream object.
 
+use std::borrow::Cow;
+
 use chrono::{SecondsFormat, Utc};
-use serde_json::{json, Map, Value};
+use serde::{de::IgnoredAny, Deserialize};
+use serde_json::{json, value::RawValue, Map, Value};
+
+use crate::tokens;
 
 /// `(prompt_eval_count, eval_count)` of a final chunk.
 pub fn usage(chunk: &Value) -> Option<(u64, u64)> {
@@ -38,6 +43,91 @@ pub fn length_chunk(generate: bool, model: &str, prompt: u64, completion: u64, e
     v
 }
 
+/// An ordinary chunk read without building a `serde_json::Value`: its
+/// strings borrowed, everything else skipped. `parse` declines (and the
+/// relay reads the chunk as a `Value`) whenever the chunk is anything else:
+/// an error, tool calls, images, a field of an unexpected type.
+#[derive(Debug, Default, Deserialize)]
+pub struct Plain<'a> {
+    #[serde(borrow, default)]
+    response: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    thinking: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    message: Option<&'a RawValue>,
+    #[serde(default)]
+    done: Option<bool>,
+    #[serde(default)]
+    prompt_eval_count: Option<u64>,
+    #[serde(default)]
+    eval_count: Option<u64>,
+    #[serde(default)]
+    error: Option<IgnoredAny>,
+    #[serde(skip)]
+    content: Option<Cow<'a, str>>,
+    #[serde(skip)]
+    message_thinking: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct PlainMessage<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    thinking: Option<Cow<'a, str>>,
+    #[serde(default)]
+    tool_calls: Option<IgnoredAny>,
+    #[serde(default)]
+    images: Option<IgnoredAny>,
+}
+
+/// `text` is a JSON object (serde would also read an array into a struct).
+pub(super) fn is_object(text: &str) -> bool {
+    text.trim_start().starts_with('{')
+}
+
+impl<'a> Plain<'a> {
+    pub fn parse(text: &'a str) -> Option<Plain<'a>> {
+        if !is_object(text) {
+            return None;
+        }
+        let mut p: Plain<'a> = serde_json::from_str(text).ok()?;
+        if p.error.is_some() {
+            return None;
+        }
+        if let Some(raw) = p.message.filter(|m| m.get() != "null") {
+            if !is_object(raw.get()) {
+                return None;
+            }
+            let m: PlainMessage<'a> = serde_json::from_str(raw.get()).ok()?;
+            if m.tool_calls.is_some() || m.images.is_some() {
+                return None;
+            }
+            p.content = m.content;
+            p.message_thinking = m.thinking;
+        }
+        Some(p)
+    }
+
+    /// What `tokens::count_ollama_chunk` counts.
+    pub fn tokens(&self) -> u64 {
+        [&self.response, &self.thinking, &self.content, &self.message_thinking]
+            .into_iter()
+            .flatten()
+            .map(|t| tokens::count_text(t))
+            .sum()
+    }
+
+    pub fn is_final(&self) -> bool {
+        self.done == Some(true)
+    }
+
+    /// What `usage` reads from a final chunk.
+    pub fn usage(&self) -> Option<(u64, u64)> {
+        self.is_final().then(|| (self.prompt_eval_count.unwrap_or(0), self.eval_count.unwrap_or(0)))
+    }
+}
+
 /// Builds the non-stream answer from chunks: the final chunk's fields with
 /// the whole message (or response) put back together.
 #[derive(Debug, Default)]
@@ -69,6 +159,14 @@ impl Assembler {
                 self.images = Some(images.clone());
             }
         }
+    }
+
+    /// `push` for a chunk read as `Plain`.
+    pub fn push_plain(&mut self, chunk: &Plain) {
+        let (content, thinking) =
+            if self.generate { (&chunk.response, &chunk.thinking) } else { (&chunk.content, &chunk.message_thinking) };
+        self.content.push_str(content.as_deref().unwrap_or(""));
+        self.thinking.push_str(thinking.as_deref().unwrap_or(""));
     }
 
     /// The answer, shaped by the final chunk (upstream's or the gateway's).

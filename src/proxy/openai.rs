@@ -2,9 +2,13 @@
 //! the usage chunk, tool-call deltas joined by index, and the non-stream
 //! `chat.completion` object.
 
-use std::collections::BTreeMap;
+use std::{borrow::Cow, collections::BTreeMap};
 
-use serde_json::{json, Map, Value};
+use serde::{de::IgnoredAny, Deserialize};
+use serde_json::{json, value::RawValue, Map, Value};
+
+use super::ollama::is_object;
+use crate::tokens;
 
 /// `(prompt_tokens, completion_tokens)` of a chunk carrying usage.
 pub fn usage(chunk: &Value) -> Option<(u64, u64)> {
@@ -73,6 +77,97 @@ pub fn usage_object(prompt: u64, completion: u64) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
+/// An ordinary `chat.completion.chunk` read without building a
+/// `serde_json::Value`: at most one choice (index 0), its delta's strings
+/// borrowed, no usage, no tool calls, no error. `parse` declines anything
+/// else, and the relay reads that chunk as a `Value`.
+#[derive(Debug, Default)]
+pub struct Plain<'a> {
+    pub role: Option<Cow<'a, str>>,
+    pub content: Option<Cow<'a, str>>,
+    pub reasoning_content: Option<Cow<'a, str>>,
+    pub reasoning: Option<Cow<'a, str>>,
+    pub finish_reason: Option<Cow<'a, str>>,
+    /// `choices` held one choice (an empty list is a usage chunk's shape).
+    pub has_choice: bool,
+}
+
+#[derive(Deserialize)]
+struct PlainChunk<'a> {
+    #[serde(borrow, default)]
+    choices: Option<Vec<&'a RawValue>>,
+    #[serde(default)]
+    usage: Option<IgnoredAny>,
+    #[serde(default)]
+    error: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct PlainChoice<'a> {
+    #[serde(default)]
+    index: Option<u64>,
+    #[serde(borrow, default)]
+    delta: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct PlainDelta<'a> {
+    #[serde(borrow, default)]
+    role: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    reasoning_content: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    reasoning: Option<Cow<'a, str>>,
+    #[serde(default)]
+    tool_calls: Option<IgnoredAny>,
+}
+
+impl<'a> Plain<'a> {
+    pub fn parse(text: &'a str) -> Option<Plain<'a>> {
+        if !is_object(text) {
+            return None;
+        }
+        let chunk: PlainChunk<'a> = serde_json::from_str(text).ok()?;
+        if chunk.usage.is_some() || chunk.error.is_some() {
+            return None;
+        }
+        let mut p = Plain::default();
+        let choices = chunk.choices?;
+        let [choice] = choices.as_slice() else {
+            return choices.is_empty().then_some(p);
+        };
+        if !is_object(choice.get()) {
+            return None;
+        }
+        let c: PlainChoice<'a> = serde_json::from_str(choice.get()).ok()?;
+        if c.index.unwrap_or(0) != 0 {
+            return None;
+        }
+        p.has_choice = true;
+        p.finish_reason = c.finish_reason;
+        if let Some(raw) = c.delta.filter(|d| d.get() != "null") {
+            if !is_object(raw.get()) {
+                return None;
+            }
+            let d: PlainDelta<'a> = serde_json::from_str(raw.get()).ok()?;
+            if d.tool_calls.is_some() {
+                return None;
+            }
+            (p.role, p.content, p.reasoning_content, p.reasoning) = (d.role, d.content, d.reasoning_content, d.reasoning);
+        }
+        Some(p)
+    }
+
+    /// What `tokens::count_openai_chunk` counts.
+    pub fn tokens(&self) -> u64 {
+        [&self.content, &self.reasoning, &self.reasoning_content].into_iter().flatten().map(|t| tokens::count_text(t)).sum()
+    }
+}
+
 #[derive(Debug, Default)]
 struct Choice {
     role: Option<String>,
@@ -134,6 +229,26 @@ impl Assembler {
                     }
                 }
             }
+        }
+    }
+
+    /// `push` for a chunk read as `Plain` (after the first, which sets `meta`).
+    pub fn push_plain(&mut self, chunk: &Plain) {
+        if !chunk.has_choice {
+            return;
+        }
+        let choice = self.choices.entry(0).or_default();
+        if let Some(fr) = &chunk.finish_reason {
+            choice.finish_reason = Value::String(fr.to_string());
+        }
+        if let Some(r) = &chunk.role {
+            choice.role = Some(r.to_string());
+        }
+        if let Some(t) = &chunk.content {
+            choice.content.get_or_insert_with(String::new).push_str(t);
+        }
+        for t in [&chunk.reasoning_content, &chunk.reasoning].into_iter().flatten() {
+            choice.reasoning.get_or_insert_with(String::new).push_str(t);
         }
     }
 

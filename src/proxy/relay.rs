@@ -52,9 +52,32 @@ impl Dialect {
 /// One unit of the upstream stream: an NDJSON line or an SSE event's data.
 #[derive(Debug, PartialEq, Eq)]
 enum Frame {
-    Data(String),
+    Data(Chunk),
     /// SSE `data: [DONE]`
     Done,
+}
+
+/// One chunk's JSON, sliced out of the read buffer without a copy.
+#[derive(Debug, PartialEq, Eq)]
+struct Chunk {
+    /// The JSON text, valid UTF-8 (invalid bytes are replaced).
+    json: Bytes,
+    /// NDJSON: the line as it arrived, line break included, to forward unchanged.
+    line: Option<Bytes>,
+}
+
+impl Chunk {
+    fn text(&self) -> &str {
+        std::str::from_utf8(&self.json).expect("validated by the framer")
+    }
+}
+
+/// `bytes` as UTF-8 text, with invalid sequences replaced (a copy only then).
+fn utf8(bytes: Bytes) -> (Bytes, bool) {
+    if std::str::from_utf8(&bytes).is_ok() {
+        return (bytes, true);
+    }
+    (Bytes::from(String::from_utf8_lossy(&bytes).into_owned()), false)
 }
 
 /// Splits a byte stream into frames; holds at most one partial line.
@@ -81,21 +104,29 @@ impl Framer {
 
     fn next_frame(&mut self) -> Option<Frame> {
         while let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
-            let raw = self.buf.split_to(pos + 1);
-            let line = String::from_utf8_lossy(&raw[..pos]);
-            let line = line.trim_end_matches('\r');
+            let raw = self.buf.split_to(pos + 1).freeze();
+            let end = if pos > 0 && raw[pos - 1] == b'\r' { pos - 1 } else { pos };
             if !self.sse {
-                if !line.trim().is_empty() {
-                    return Some(Frame::Data(line.to_string()));
+                let (json, intact) = utf8(raw.slice(..end));
+                if std::str::from_utf8(&json).map_or(true, |t| t.trim().is_empty()) {
+                    continue;
                 }
-                continue;
+                return Some(Frame::Data(Chunk { json, line: intact.then_some(raw) }));
             }
+            let line = match std::str::from_utf8(&raw[..end]) {
+                Ok(l) => std::borrow::Cow::Borrowed(l),
+                Err(_) => String::from_utf8_lossy(&raw[..end]),
+            };
             if line.is_empty() {
                 if self.event.is_empty() {
                     continue;
                 }
                 let data = std::mem::take(&mut self.event);
-                return Some(if data.trim() == "[DONE]" { Frame::Done } else { Frame::Data(data) });
+                return Some(if data.trim() == "[DONE]" {
+                    Frame::Done
+                } else {
+                    Frame::Data(Chunk { json: Bytes::from(data), line: None })
+                });
             }
             if let Some(data) = line.strip_prefix("data:") {
                 if !self.event.is_empty() {
@@ -107,6 +138,13 @@ impl Framer {
         }
         None
     }
+}
+
+/// One upstream chunk, read for the relay.
+enum Parsed<'a> {
+    OpenAi(openai::Plain<'a>),
+    Ollama(ollama::Plain<'a>),
+    Value(Value),
 }
 
 /// How a relayed completion ended.
@@ -255,10 +293,24 @@ impl RelayJob {
     }
 
     fn frame_bytes(&self, json: &str) -> Bytes {
+        let mut out = BytesMut::with_capacity(json.len() + 8);
         if self.meta.dialect.is_sse() {
-            Bytes::from(format!("data: {json}\n\n"))
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(json.as_bytes());
+            out.extend_from_slice(b"\n\n");
         } else {
-            Bytes::from(format!("{json}\n"))
+            out.extend_from_slice(json.as_bytes());
+            out.extend_from_slice(b"\n");
+        }
+        out.freeze()
+    }
+
+    /// An upstream chunk as the client gets it: an NDJSON line unchanged,
+    /// an SSE event as one `data:` line.
+    fn forward_bytes(&self, chunk: &Chunk) -> Bytes {
+        match &chunk.line {
+            Some(line) => line.clone(),
+            None => self.frame_bytes(chunk.text()),
         }
     }
 
@@ -269,26 +321,50 @@ impl RelayJob {
                 run.outcome.get_or_insert(Outcome::Complete);
                 return;
             }
-            Frame::Data(d) => d,
+            Frame::Data(chunk) => chunk,
         };
-        let Ok(v) = serde_json::from_str::<Value>(&data) else {
-            run.fail("upstream sent a chunk that is not JSON".into());
-            return;
+        let text = data.text();
+        let whole = matches!(self.sink, Sink::Whole(_));
+        // Ordinary chunks are read without a `Value`; the rest (the first
+        // OpenAI chunk, usage, tool calls, errors, a final Ollama chunk
+        // that shapes a non-stream answer) as a `Value`.
+        let parsed = match self.meta.dialect {
+            Dialect::OpenAiChat if !run.openai.meta.id.is_empty() => openai::Plain::parse(text).map(Parsed::OpenAi),
+            Dialect::OllamaChat | Dialect::OllamaGenerate => {
+                ollama::Plain::parse(text).filter(|p| !(whole && p.is_final())).map(Parsed::Ollama)
+            }
+            Dialect::OpenAiChat => None,
         };
-        if let Some(err) = v.get("error").filter(|e| !e.is_null()) {
-            let msg = err
-                .as_str()
-                .map(str::to_string)
-                .or_else(|| err.get("message").and_then(Value::as_str).map(str::to_string))
-                .unwrap_or_else(|| err.to_string());
-            // Pass the upstream's own error line on to a streaming client.
-            let bytes = self.frame_bytes(&data);
-            self.send(run, bytes).await;
-            run.error_forwarded = true;
-            run.fail(msg);
-            return;
+        let parsed = match parsed {
+            Some(p) => p,
+            None => match serde_json::from_str::<Value>(text) {
+                Ok(v) => Parsed::Value(v),
+                Err(_) => {
+                    run.fail("upstream sent a chunk that is not JSON".into());
+                    return;
+                }
+            },
+        };
+        if let Parsed::Value(v) = &parsed {
+            if let Some(err) = v.get("error").filter(|e| !e.is_null()) {
+                let msg = err
+                    .as_str()
+                    .map(str::to_string)
+                    .or_else(|| err.get("message").and_then(Value::as_str).map(str::to_string))
+                    .unwrap_or_else(|| err.to_string());
+                // Pass the upstream's own error line on to a streaming client.
+                let bytes = self.forward_bytes(&data);
+                self.send(run, bytes).await;
+                run.error_forwarded = true;
+                run.fail(msg);
+                return;
+            }
         }
-        let n = self.meta.dialect.count(&v);
+        let n = match &parsed {
+            Parsed::Value(v) => self.meta.dialect.count(v),
+            Parsed::OpenAi(p) => p.tokens(),
+            Parsed::Ollama(p) => p.tokens(),
+        };
         if n > 0 {
             let need = self.reservation.prompt_tokens + run.metered + n;
             if need > self.reservation.held {
@@ -310,35 +386,54 @@ impl RelayJob {
         }
         match self.meta.dialect {
             Dialect::OpenAiChat => {
-                run.openai.meta.observe(&v);
-                run.saw_finish |= v
-                    .get("choices")
-                    .and_then(Value::as_array)
-                    .is_some_and(|cs| cs.iter().any(|c| c.get("finish_reason").is_some_and(|f| !f.is_null())));
-                if let Some(u) = openai::usage(&v) {
+                let (finished, usage, usage_only) = match &parsed {
+                    Parsed::Value(v) => {
+                        run.openai.meta.observe(v);
+                        let finished = v
+                            .get("choices")
+                            .and_then(Value::as_array)
+                            .is_some_and(|cs| cs.iter().any(|c| c.get("finish_reason").is_some_and(|f| !f.is_null())));
+                        (finished, openai::usage(v), openai::is_usage_chunk(v))
+                    }
+                    Parsed::OpenAi(p) => (p.finish_reason.is_some(), None, false),
+                    Parsed::Ollama(_) => unreachable!("parsed for the dialect"),
+                };
+                run.saw_finish |= finished;
+                if let Some(u) = usage {
                     run.upstream_usage = Some(u);
                 }
-                if openai::is_usage_chunk(&v) && !self.client_wants_usage {
+                if usage_only && !self.client_wants_usage {
                     // asked for by the gateway, not by the client
-                } else if matches!(self.sink, Sink::Stream(_)) {
-                    let bytes = self.frame_bytes(&data);
+                } else if !whole {
+                    let bytes = self.forward_bytes(&data);
                     self.send(run, bytes).await;
                 } else {
-                    run.openai.push(&v);
+                    match &parsed {
+                        Parsed::Value(v) => run.openai.push(v),
+                        Parsed::OpenAi(p) => run.openai.push_plain(p),
+                        Parsed::Ollama(_) => {}
+                    }
                 }
             }
             Dialect::OllamaChat | Dialect::OllamaGenerate => {
-                let is_final = ollama::is_final(&v);
-                if let Some(u) = ollama::usage(&v) {
+                let (is_final, usage) = match &parsed {
+                    Parsed::Value(v) => (ollama::is_final(v), ollama::usage(v)),
+                    Parsed::Ollama(p) => (p.is_final(), p.usage()),
+                    Parsed::OpenAi(_) => unreachable!("parsed for the dialect"),
+                };
+                if let Some(u) = usage {
                     run.upstream_usage = Some(u);
                 }
-                if matches!(self.sink, Sink::Stream(_)) {
-                    let bytes = self.frame_bytes(&data);
+                if !whole {
+                    let bytes = self.forward_bytes(&data);
                     self.send(run, bytes).await;
-                } else if is_final {
-                    run.final_chunk = Some(v);
                 } else {
-                    run.ollama.push(&v);
+                    match parsed {
+                        Parsed::Value(v) if is_final => run.final_chunk = Some(v),
+                        Parsed::Value(v) => run.ollama.push(&v),
+                        Parsed::Ollama(p) => run.ollama.push_plain(&p),
+                        Parsed::OpenAi(_) => {}
+                    }
                 }
                 if is_final && run.outcome.is_none() {
                     run.outcome = Some(Outcome::Complete);
@@ -474,13 +569,34 @@ mod tests {
     #[test]
     fn ndjson_lines_split_across_reads() {
         let out = frames(false, &["{\"a\":", "1}\n{\"b\"", ":2}\n\n{\"c\":3}"]);
-        assert_eq!(out, vec![Frame::Data("{\"a\":1}".into()), Frame::Data("{\"b\":2}".into()), Frame::Data("{\"c\":3}".into())]);
+        assert_eq!(texts(&out), ["{\"a\":1}", "{\"b\":2}", "{\"c\":3}"]);
+        // lines go on to the client as they came
+        let lines: Vec<_> = out.iter().map(|f| match f {
+            Frame::Data(c) => c.line.clone(),
+            Frame::Done => None,
+        }).collect();
+        assert_eq!(lines, [Some(Bytes::from("{\"a\":1}\n")), Some(Bytes::from("{\"b\":2}\n")), Some(Bytes::from("{\"c\":3}\n"))]);
     }
 
     #[test]
     fn sse_events_comments_and_done() {
         let out = frames(true, &[": keep-alive\n\ndata: {\"x\"", ":1}\r\n\r\ndata: [DONE]\n\n"]);
-        assert_eq!(out, vec![Frame::Data("{\"x\":1}".into()), Frame::Done]);
+        assert_eq!(texts(&out), ["{\"x\":1}", "[DONE]"]);
+    }
+
+    #[test]
+    fn invalid_utf8_is_replaced_and_not_forwarded_raw() {
+        let out = frames(false, &[&b"{\"a\":\"\xff\"}\n"[..]]);
+        let Frame::Data(c) = &out[0] else { panic!("{out:?}") };
+        assert_eq!(c.text(), "{\"a\":\"\u{fffd}\"}");
+        assert_eq!(c.line, None);
+    }
+
+    fn texts(frames: &[Frame]) -> Vec<&str> {
+        frames.iter().map(|f| match f {
+            Frame::Data(c) => c.text(),
+            Frame::Done => "[DONE]",
+        }).collect()
     }
 }
 
@@ -541,5 +657,115 @@ mod fuzz {
                 let _ = o.finish(v.clone());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod plain {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+
+    /// A value that is sometimes what the field should hold and sometimes not.
+    fn field(good: BoxedStrategy<Value>) -> BoxedStrategy<Option<Value>> {
+        prop_oneof![
+            3 => good.prop_map(Some),
+            1 => Just(None),
+            1 => Just(Some(Value::Null)),
+            1 => prop_oneof![Just(json!(7)), Just(json!(-1)), Just(json!(1.5)), Just(json!(["x"])), Just(json!({"a": "b"})), Just(json!(true))].prop_map(Some),
+        ]
+        .boxed()
+    }
+
+    fn text() -> BoxedStrategy<Value> {
+        "[a-z ,.']{0,12}".prop_map(Value::String).boxed()
+    }
+
+    fn object(fields: Vec<(&'static str, Option<Value>)>) -> Value {
+        Value::Object(fields.into_iter().filter_map(|(k, v)| v.map(|v| (k.to_string(), v))).collect())
+    }
+
+    fn ollama_chunk() -> impl Strategy<Value = Value> {
+        let message = (field(text()), field(text()), field(Just(json!([{"function": {"name": "f", "arguments": {}}}])).boxed()))
+            .prop_map(|(c, t, calls)| object(vec![("role", Some(json!("assistant"))), ("content", c), ("thinking", t), ("tool_calls", calls)]));
+        (
+            field(message.boxed()),
+            field(text()),
+            field(text()),
+            field(any::<bool>().prop_map(Value::Bool).boxed()),
+            field((0u64..1000).prop_map(|n| json!(n)).boxed()),
+            field((0u64..1000).prop_map(|n| json!(n)).boxed()),
+            field(text()),
+        )
+            .prop_map(|(m, r, t, d, p, e, err)| {
+                object(vec![("model", Some(json!("m"))), ("message", m), ("response", r), ("thinking", t), ("done", d),
+                    ("prompt_eval_count", p), ("eval_count", e), ("error", err)])
+            })
+    }
+
+    fn openai_chunk() -> impl Strategy<Value = Value> {
+        let delta = (field(text()), field(text()), field(text()), field(text()), field(Just(json!([{"index": 0, "function": {"arguments": "{}"}}])).boxed()))
+            .prop_map(|(role, c, rc, r, calls)| object(vec![("role", role), ("content", c), ("reasoning_content", rc), ("reasoning", r), ("tool_calls", calls)]));
+        let choice = (field((0u64..2).prop_map(|n| json!(n)).boxed()), field(delta.boxed()), field(Just(json!("stop")).boxed()))
+            .prop_map(|(i, d, f)| object(vec![("index", i), ("delta", d), ("finish_reason", f)]));
+        let usage = Just(json!({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7})).boxed();
+        let choices = prop_oneof![4 => choice.clone().prop_map(|c| vec![c]), 1 => proptest::collection::vec(choice, 0..3)];
+        (field(choices.prop_map(Value::Array).boxed()), field(usage), field(text()))
+            .prop_map(|(cs, u, err)| object(vec![("id", Some(json!("c1"))), ("object", Some(json!("chat.completion.chunk"))), ("choices", cs), ("usage", u), ("error", err)]))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Whenever the `Value`-free reading takes a chunk, it reads what the
+        /// `Value` reading does: tokens, end, usage, and the assembled answer.
+        #[test]
+        fn plain_ollama_reads_like_value(chunk in ollama_chunk(), generate in any::<bool>()) {
+            let text = chunk.to_string();
+            if let Some(p) = ollama::Plain::parse(&text) {
+                prop_assert!(chunk.get("error").is_none_or(Value::is_null));
+                prop_assert_eq!(p.tokens(), tokens::count_ollama_chunk(&chunk));
+                prop_assert_eq!(p.is_final(), ollama::is_final(&chunk));
+                prop_assert_eq!(p.usage(), ollama::usage(&chunk));
+                let (mut a, mut b) = (ollama::Assembler::new(generate), ollama::Assembler::new(generate));
+                a.push(&chunk);
+                b.push_plain(&p);
+                prop_assert_eq!(a.finish(json!({"done": true})), b.finish(json!({"done": true})));
+            }
+        }
+
+        #[test]
+        fn plain_openai_reads_like_value(chunk in openai_chunk()) {
+            let text = chunk.to_string();
+            if let Some(p) = openai::Plain::parse(&text) {
+                prop_assert!(chunk.get("error").is_none_or(Value::is_null));
+                prop_assert_eq!(p.tokens(), tokens::count_openai_chunk(&chunk));
+                prop_assert!(openai::usage(&chunk).is_none() && !openai::is_usage_chunk(&chunk));
+                let finished = chunk["choices"].as_array().is_some_and(|cs| cs.iter().any(|c| c.get("finish_reason").is_some_and(|f| !f.is_null())));
+                prop_assert_eq!(p.finish_reason.is_some(), finished);
+                let first = json!({"id": "c1", "created": 1, "model": "m", "choices": []});
+                let (mut a, mut b) = (openai::Assembler::default(), openai::Assembler::default());
+                a.push(&first);
+                b.push(&first);
+                a.push(&chunk);
+                b.push_plain(&p);
+                prop_assert_eq!(a.finish(false, (1, 2)), b.finish(false, (1, 2)));
+            }
+        }
+    }
+
+    #[test]
+    fn ordinary_chunks_take_the_plain_path() {
+        let o = json!({"model": "m", "created_at": "t", "message": {"role": "assistant", "content": "Hello there"}, "done": false});
+        assert_eq!(ollama::Plain::parse(&o.to_string()).map(|p| p.tokens()), Some(2));
+        let c = json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "system_fingerprint": "fp",
+            "choices": [{"index": 0, "delta": {"content": "Hello there"}, "logprobs": null, "finish_reason": null}]});
+        assert_eq!(openai::Plain::parse(&c.to_string()).map(|p| p.tokens()), Some(2));
+        // the shapes it leaves to the Value reading
+        assert!(openai::Plain::parse(r#"{"choices": [], "usage": {"prompt_tokens": 1}}"#).is_none());
+        assert!(ollama::Plain::parse(r#"{"error": "boom"}"#).is_none());
+        assert!(ollama::Plain::parse(r#"["hello"]"#).is_none());
+        assert!(ollama::Plain::parse(r#"{"done": true, "done": false}"#).is_none());
     }
 }

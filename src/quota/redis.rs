@@ -100,13 +100,17 @@ impl RedisStore {
             return Ok(c.clone());
         }
         let pooled = self.pool.get().await.map_err(err)?;
-        let c = deadpool_redis::Connection::take(pooled);
+        let mut c = deadpool_redis::Connection::take(pooled);
+        // The connection's own per-command timer is the call's timeout: a
+        // second timer around each call would cost a wake-up of the
+        // runtime's driver per call (it is the earliest timer pending).
+        c.set_response_timeout(self.timeout);
         *self.conn.write().map_err(err)? = Some(c.clone());
         Ok(c)
     }
 
-    /// Run one call with the timeout; a broken connection is dropped so the
-    /// next call gets a fresh one.
+    /// Run one call (each command under the connection's response timeout);
+    /// a broken connection is dropped so the next call gets a fresh one.
     async fn run<T, F, Fut>(&self, name: &'static str, f: F) -> Result<T, StoreError>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
@@ -114,17 +118,17 @@ impl RedisStore {
     {
         let started = std::time::Instant::now();
         let result = match self.conn().await {
-            Ok(c) => match tokio::time::timeout(self.timeout, f(c)).await {
-                Ok(Ok(v)) => Ok(v),
-                Ok(Err(e)) => {
+            Ok(c) => match f(c).await {
+                Ok(v) => Ok(v),
+                Err(e) if e.is_timeout() => {
+                    self.reset();
+                    Err(err(format!("no answer within {:?}", self.timeout)))
+                }
+                Err(e) => {
                     if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
                         self.reset();
                     }
                     Err(err(e))
-                }
-                Err(_) => {
-                    self.reset();
-                    Err(err(format!("no answer within {:?}", self.timeout)))
                 }
             },
             Err(e) => Err(e),
