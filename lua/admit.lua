@@ -8,9 +8,8 @@ local prompt, lease, expires = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(AR
 local lim_dr, lim_mr, lim_dt, lim_mt = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
 sweep()
 local dk, mk = bucket_key('d', day), bucket_key('m', month)
-local dmiss, mmiss = 1 - redis.call('EXISTS', dk), 1 - redis.call('EXISTS', mk)
-if dmiss + mmiss > 0 then return {0, dmiss, mmiss} end
-local du, mu = read(dk), read(mk)
+local du, mu = load(dk), load(mk)
+if not (du and mu) then return {0, du and 0 or 1, mu and 0 or 1} end
 local broken = 0
 if lim_dr >= 0 and du[1] - du[2] + 1 > lim_dr then broken = 1
 elseif lim_mr >= 0 and mu[1] - mu[2] + 1 > lim_mr then broken = 2
@@ -23,12 +22,13 @@ end
 local room = headroom(lim_dt, lim_mt, du, mu)
 if room >= 0 then lease = math.min(lease, room - prompt) end
 local held = prompt + lease
-for _, k in ipairs({dk, mk}) do
-  redis.call('HINCRBY', k, 'req', 1)
-  redis.call('HINCRBY', k, 'rsv', held)
+for _, u in ipairs({du, mu}) do
+  u[1] = u[1] + 1
+  u[5] = u[5] + held
 end
+store(dk, du)
+store(mk, mu)
 redis.call('SADD', DIRTY, 'd|' .. day, 'm|' .. month)
 redis.call('HSET', RESV, id, encode(day, month, prompt, held, expires))
 redis.call('PEXPIRE', RESV, ARGV[13])
-du, mu = read(dk), read(mk)
 return {2, held, du[1], du[2], du[3], du[4], du[5], mu[1], mu[2], mu[3], mu[4], mu[5]}

@@ -4,8 +4,8 @@ local out = {}
 for _, member in ipairs(redis.call('SPOP', DIRTY, 1000)) do
   local period, name = string.match(member, '^(%a)|(.+)$')
   local k = bucket_key(period, name)
-  if redis.call('EXISTS', k) == 1 then
-    local u = read(k)
+  local u = load(k)
+  if u then
     table.insert(out, period)
     table.insert(out, name)
     for i = 1, 5 do table.insert(out, u[i]) end

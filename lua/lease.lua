@@ -6,12 +6,13 @@ if not v then return 0 end
 local d, m, p, h = decode(v)
 local want, lim_dt, lim_mt = tonumber(ARGV[4]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local dk, mk = bucket_key('d', d), bucket_key('m', m)
-local room = headroom(lim_dt, lim_mt, read(dk), read(mk))
+local du, mu = load(dk), load(mk)
+local room = headroom(lim_dt, lim_mt, du or {0, 0, 0, 0, 0}, mu or {0, 0, 0, 0, 0})
 local granted = want
 if room >= 0 then granted = math.min(want, room) end
 if granted > 0 then
-  for _, k in ipairs({dk, mk}) do
-    if redis.call('EXISTS', k) == 1 then redis.call('HINCRBY', k, 'rsv', granted) end
+  for k, u in pairs({[dk] = du, [mk] = mu}) do
+    redis.call('HSET', k, 'rsv', num(u[5] + granted))
   end
 end
 redis.call('HSET', RESV, ARGV[3], encode(d, m, p, h + granted, tonumber(ARGV[5])))

@@ -54,6 +54,28 @@ impl Drop for Proc {
     }
 }
 
+/// One lowest-priority busy loop per CPU: a CPU that never idles answers a
+/// wake-up at once (the scheduler preempts the spinner), where an idle vCPU
+/// first has to be rescheduled by the hypervisor.
+pub fn start_spinners(cpus: usize) -> anyhow::Result<Vec<Proc>> {
+    (0..cpus)
+        .map(|cpu| {
+            let mut cmd = Command::new("/bin/sh");
+            cmd.args(["-c", "while :; do :; done"]).stdin(Stdio::null()).stdout(Stdio::null());
+            let mut setup = sys::child_setup(Some(cpu));
+            // SAFETY: child_setup and setpriority make only async-signal-safe syscalls.
+            unsafe {
+                cmd.pre_exec(move || {
+                    setup()?;
+                    libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+                    Ok(())
+                });
+            }
+            Ok(Proc { child: cmd.spawn().context("cannot start a CPU spinner")? })
+        })
+        .collect()
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }

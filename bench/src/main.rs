@@ -22,9 +22,11 @@ use crate::load::{Api, Loader, Target, Which};
 use crate::mock::Knobs;
 use crate::phases::Sides;
 
-const USAGE: &str = "usage: llm-quota-bench [--quick] [--mode embedded|cluster] [--phases LIST] [--gateway PATH] [--no-build] [--keep] [--linger SECS] [--trace FILE]
+const USAGE: &str = "usage: llm-quota-bench [--quick] [--mode embedded|cluster] [--awake] [--phases LIST] [--gateway PATH] [--no-build] [--keep] [--linger SECS] [--trace FILE]
   --quick          every phase shrunk (under a minute in all)
   --mode           embedded (default: SQLite, in-process quota) or cluster (Redis + PostgreSQL on 127.0.0.1)
+  --awake          keep every CPU out of its idle state with a lowest-priority spinner
+                   (on a VM, waking an idle vCPU costs 0.1–1 ms per hop; see bench/README.md)
   --phases LIST    comma-separated subset of: sanity,latency,cpu,stream,throughput,streams (default: all)
   --gateway PATH   use this gateway binary instead of building target/release/llm-quota
   --no-build       do not run `cargo build --release --bin llm-quota` first
@@ -45,6 +47,7 @@ pub struct Args {
     pub keep: bool,
     pub trace: Option<PathBuf>,
     pub linger: Duration,
+    pub awake: bool,
 }
 
 fn parse_args(mut it: impl Iterator<Item = String>) -> anyhow::Result<Args> {
@@ -57,6 +60,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> anyhow::Result<Args> {
         keep: false,
         trace: None,
         linger: Duration::ZERO,
+        awake: false,
     };
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -77,6 +81,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> anyhow::Result<Args> {
             }
             "--gateway" => a.gateway = Some(it.next().context("--gateway needs a path")?.into()),
             "--no-build" => a.build = false,
+            "--awake" => a.awake = true,
             "--keep" => a.keep = true,
             "--linger" => {
                 let secs: u64 = it.next().and_then(|s| s.parse().ok()).context("--linger takes a number of seconds")?;
@@ -234,6 +239,8 @@ async fn run(args: Args, machine: sys::MachineInfo, nofile: u64, pinned: bool) -
     let workdir = std::env::temp_dir().join(format!("llm-quota-bench-{}", std::process::id()));
     std::fs::create_dir_all(&workdir)?;
 
+    let spinners = if args.awake { gateway::start_spinners(machine.cpus)? } else { Vec::new() };
+    let spinner_pids: Vec<u32> = spinners.iter().map(|p| p.pid()).collect();
     let (mut mock, mock_port) = gateway::start_mock(pinned.then_some(0))?;
     let mock_pid = mock.pid();
     let scratch = match args.mode {
@@ -254,7 +261,7 @@ async fn run(args: Args, machine: sys::MachineInfo, nofile: u64, pinned: bool) -
         })
         .await?;
         let key = gw.create_key().await?;
-        let measured = measure(&args, &plan, &gw, mock_pid, &upstream, &key).await;
+        let measured = measure(&args, &plan, &gw, mock_pid, &spinner_pids, &upstream, &key).await;
         let alive = gw.proc.alive();
         let log = gw.log_summary();
         gw.proc.stop(Duration::from_secs(5));
@@ -265,6 +272,7 @@ async fn run(args: Args, machine: sys::MachineInfo, nofile: u64, pinned: bool) -
     }
     .await;
     mock.stop(Duration::from_secs(1));
+    drop(spinners);
     if let Some(db) = scratch {
         db.drop_db().await;
     }
@@ -278,6 +286,7 @@ async fn run(args: Args, machine: sys::MachineInfo, nofile: u64, pinned: bool) -
         machine,
         nofile,
         pinned,
+        awake: args.awake,
         quick: args.quick,
         mode: args.mode,
         revision: git_revision(&workspace),
@@ -293,6 +302,7 @@ async fn measure(
     plan: &Plan,
     gw: &gateway::Gateway,
     mock_pid: u32,
+    spinner_pids: &[u32],
     upstream: &str,
     key: &str,
 ) -> anyhow::Result<report::Report> {
@@ -307,7 +317,9 @@ async fn measure(
     let sides = Sides { direct: &direct, gateway: &gateway, gateway_pid: pid };
     let on = |p: &str| args.phases.iter().any(|x| x == p);
     // CPU used by processes other than ours while measuring: the noise.
-    let ours = || [std::process::id(), mock_pid, pid].iter().map(|&p| sys::cpu_time(p).unwrap_or_default()).sum::<Duration>();
+    let ours = || {
+        [std::process::id(), mock_pid, pid].iter().chain(spinner_pids).map(|&p| sys::cpu_time(p).unwrap_or_default()).sum::<Duration>()
+    };
     let (busy_start, ours_start, wall_start) = (sys::machine_busy(), ours(), Instant::now());
     let mut r = report::Report::default();
     r.rss.push(("idle, after start-up".into(), sys::rss_kib(pid).unwrap_or(0)));

@@ -15,6 +15,7 @@ pub struct Header {
     pub machine: MachineInfo,
     pub nofile: u64,
     pub pinned: bool,
+    pub awake: bool,
     pub quick: bool,
     pub mode: Mode,
     pub revision: String,
@@ -36,6 +37,7 @@ impl Default for Header {
             },
             nofile: 0,
             pinned: false,
+            awake: false,
             quick: false,
             mode: Mode::Embedded,
             revision: String::new(),
@@ -204,13 +206,14 @@ impl Report {
         let _ = writeln!(o, "- machine: {} CPUs ({}), {} RAM, Linux {}", m.cpus, m.cpu_model, m.mem_total, m.kernel);
         let _ = writeln!(
             o,
-            "- placement: {}; open-files limit {}",
+            "- placement: {}; open-files limit {}{}",
             if h.pinned {
                 "gateway pinned to CPU 1; mock upstream and load generator share CPU 0"
             } else {
                 "not pinned (fewer than 2 CPUs): all processes share the machine"
             },
-            h.nofile
+            h.nofile,
+            if h.awake { "; --awake: a nice-19 spinner on every CPU keeps it out of idle (its CPU time is not counted as load)" } else { "" }
         );
         let busy: Vec<String> = m.busy_before.iter().enumerate().map(|(i, b)| format!("CPU {i} {:.0} %", b * 100.0)).collect();
         let _ = writeln!(
