@@ -22,12 +22,11 @@ end
 local room = headroom(lim_dt, lim_mt, du, mu)
 if room >= 0 then lease = math.min(lease, room - prompt) end
 local held = prompt + lease
-for _, u in ipairs({du, mu}) do
-  u[1] = u[1] + 1
-  u[5] = u[5] + held
+-- Increments (no number formatting in Lua), and the totals they make.
+for k, u in pairs({[dk] = du, [mk] = mu}) do
+  u[1] = redis.call('HINCRBY', k, 'req', 1)
+  u[5] = redis.call('HINCRBY', k, 'rsv', held)
 end
-store(dk, du)
-store(mk, mu)
 redis.call('SADD', DIRTY, 'd|' .. day, 'm|' .. month)
 redis.call('HSET', RESV, id, encode(day, month, prompt, held, expires))
 redis.call('PEXPIRE', RESV, ARGV[13])

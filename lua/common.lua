@@ -26,12 +26,6 @@ local function load(k)
   return {tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0, tonumber(v[4]) or 0, tonumber(v[5]) or 0}
 end
 
--- One write for a bucket's new totals (the script is atomic, so totals
--- read and written back in it are as good as increments, and cheaper).
-local function store(k, u)
-  redis.call('HSET', k, 'req', num(u[1]), 'ref', num(u[2]), 'pt', num(u[3]), 'ct', num(u[4]), 'rsv', num(u[5]))
-end
-
 local function committed(u)
   return u[3] + u[4] + u[5]
 end
@@ -62,13 +56,11 @@ end
 local function release(day, month, held, pt, ct, refund)
   for _, pk in ipairs({{'d', day}, {'m', month}}) do
     local k = bucket_key(pk[1], pk[2])
-    local u = load(k)
-    if u then
-      u[5] = math.max(u[5] - held, 0)
-      u[3] = u[3] + pt
-      u[4] = u[4] + ct
-      if refund then u[2] = u[2] + 1 end
-      store(k, u)
+    if redis.call('EXISTS', k) == 1 then
+      if redis.call('HINCRBY', k, 'rsv', -held) < 0 then redis.call('HSET', k, 'rsv', 0) end
+      if pt > 0 then redis.call('HINCRBY', k, 'pt', pt) end
+      if ct > 0 then redis.call('HINCRBY', k, 'ct', ct) end
+      if refund then redis.call('HINCRBY', k, 'ref', 1) end
       redis.call('SADD', DIRTY, pk[1] .. '|' .. pk[2])
     end
   end

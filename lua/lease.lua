@@ -11,8 +11,8 @@ local room = headroom(lim_dt, lim_mt, du or {0, 0, 0, 0, 0}, mu or {0, 0, 0, 0, 
 local granted = want
 if room >= 0 then granted = math.min(want, room) end
 if granted > 0 then
-  for k, u in pairs({[dk] = du, [mk] = mu}) do
-    redis.call('HSET', k, 'rsv', num(u[5] + granted))
+  for k in pairs({[dk] = du, [mk] = mu}) do
+    redis.call('HINCRBY', k, 'rsv', granted)
   end
 end
 redis.call('HSET', RESV, ARGV[3], encode(d, m, p, h + granted, tonumber(ARGV[5])))
