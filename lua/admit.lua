@@ -28,6 +28,5 @@ for k, u in pairs({[dk] = du, [mk] = mu}) do
   u[5] = redis.call('HINCRBY', k, 'rsv', held)
 end
 redis.call('SADD', DIRTY, 'd|' .. day, 'm|' .. month)
-redis.call('HSET', RESV, id, encode(day, month, prompt, held, expires))
-redis.call('PEXPIRE', RESV, ARGV[13])
+hold(id, encode(day, month, prompt, held, expires), ARGV[8], ARGV[13])
 return {2, held, du[1], du[2], du[3], du[4], du[5], mu[1], mu[2], mu[3], mu[4], mu[5]}

@@ -8,6 +8,9 @@
 local base = ARGV[1]
 local now = tonumber(ARGV[2])
 local RESV = base .. ':resv'
+-- The same reservations by expiry (score = expires_ms): the lapsed ones are
+-- found without reading them all.
+local RESVX = base .. ':resvx'
 local DIRTY = base .. ':dirty'
 
 local function bucket_key(period, name)
@@ -67,16 +70,48 @@ local function release(day, month, held, pt, ct, refund)
 end
 
 -- Lapsed reservations are charged what they held.
+local function lapse(id, v)
+  local d, m, p, h = decode(v)
+  release(d, m, h, p, h - p, false)
+  redis.call('HDEL', RESV, id)
+  redis.call('ZREM', RESVX, id)
+end
+
+-- The lapsed ones by the expiry index, at most 256 a call: O(log n) for
+-- an admission however many requests are in flight.
 local function sweep()
+  local n = 0
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', RESVX, '-inf', now, 'LIMIT', 0, 256)) do
+    local v = redis.call('HGET', RESV, id)
+    if v then
+      lapse(id, v)
+      n = n + 1
+    else
+      redis.call('ZREM', RESVX, id)
+    end
+  end
+  return n
+end
+
+-- Every reservation read (the flusher, once a round): also catches any
+-- the index does not hold.
+local function sweep_all()
   local all = redis.call('HGETALL', RESV)
   local n = 0
   for i = 1, #all, 2 do
-    local d, m, p, h, e = decode(all[i + 1])
+    local _, _, _, _, e = decode(all[i + 1])
     if e <= now then
-      release(d, m, h, p, h - p, false)
-      redis.call('HDEL', RESV, all[i])
+      lapse(all[i], all[i + 1])
       n = n + 1
     end
   end
   return n
+end
+
+-- Record a reservation and its expiry; both keys live while any does.
+local function hold(id, v, expires, ttl_ms)
+  redis.call('HSET', RESV, id, v)
+  redis.call('ZADD', RESVX, expires, id)
+  redis.call('PEXPIRE', RESV, ttl_ms)
+  redis.call('PEXPIRE', RESVX, ttl_ms)
 end

@@ -1,2 +1,2 @@
 -- expire: charge the key's lapsed reservations. Returns how many.
-return sweep()
+return sweep_all()

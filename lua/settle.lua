@@ -6,4 +6,5 @@ if not v then return 0 end
 local d, m, _, h = decode(v)
 release(d, m, h, tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6] == '1')
 redis.call('HDEL', RESV, ARGV[3])
+redis.call('ZREM', RESVX, ARGV[3])
 return 1

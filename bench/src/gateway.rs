@@ -186,7 +186,10 @@ pub async fn start_gateway(s: Setup<'_>) -> anyhow::Result<Gateway> {
         .stdout(stdout)
         .stderr(stderr);
     if s.mode == Mode::Cluster {
-        cmd.env("REDIS_URL", "redis://127.0.0.1:6379/").env("MIGRATE_ON_START", "true");
+        // A prefix of the run's own (the scratch database's name): nothing an
+        // earlier run left in Redis is in this run's way.
+        let prefix = s.database_url.rsplit('/').next().unwrap_or("lq_bench");
+        cmd.env("REDIS_URL", "redis://127.0.0.1:6379/").env("REDIS_PREFIX", prefix).env("MIGRATE_ON_START", "true");
     }
     // SAFETY: child_setup only makes async-signal-safe syscalls.
     unsafe {
@@ -301,6 +304,17 @@ impl ScratchDb {
                 }
             }
             Err(e) => eprintln!("bench: could not drop database {}: {e}", self.name),
+        }
+        // The run's Redis keys (the gateway's REDIS_PREFIX is the database name).
+        let keys = std::process::Command::new("redis-cli").args(["--scan", "--pattern", &format!("{}:*", self.name)]).output();
+        match keys {
+            Ok(out) if out.status.success() => {
+                let keys: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();
+                for batch in keys.chunks(500) {
+                    let _ = std::process::Command::new("redis-cli").arg("DEL").args(batch).output();
+                }
+            }
+            _ => eprintln!("bench: could not remove the run's Redis keys ({}:*): redis-cli failed", self.name),
         }
     }
 }

@@ -7,7 +7,8 @@
 
 use std::{sync::RwLock, time::Duration};
 
-use deadpool_redis::{Config as PoolConfig, Pool, Runtime, Timeouts};
+use deadpool_redis::{Pool, Runtime, Timeouts};
+use redis::IntoConnectionInfo;
 use redis::{aio::MultiplexedConnection, Script};
 
 use super::{Admit, AdmitRequest, BucketRef, Charge, LimitKind, Limits, QuotaStore, ReservationRef, StoreError, Usage};
@@ -56,11 +57,19 @@ fn usage_of(v: &[i64]) -> Usage {
 
 impl RedisStore {
     pub async fn connect(url: &str, prefix: &str, timeout: Duration, reservation_ttl: Duration) -> anyhow::Result<RedisStore> {
-        let mut cfg = PoolConfig::from_url(url);
         let mut pool_cfg = deadpool_redis::PoolConfig::new(2);
         pool_cfg.timeouts = Timeouts { wait: Some(timeout), create: Some(timeout), recycle: Some(timeout) };
-        cfg.pool = Some(pool_cfg);
-        let pool = cfg.create_pool(Some(Runtime::Tokio1))?;
+        // TCP_NODELAY: calls from many requests share the connection, and
+        // Nagle would hold a call back until the previous one's reply came.
+        // The connection's per-command timer is each call's timeout (a
+        // second timer around every call would cost a wake-up of the
+        // runtime's driver per call).
+        let info = url
+            .into_connection_info()?
+            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        let conn_cfg = redis::AsyncConnectionConfig::new().set_connection_timeout(Some(timeout)).set_response_timeout(Some(timeout));
+        let manager = deadpool_redis::Manager::new_with_config(info, conn_cfg)?;
+        let pool = Pool::builder(manager).config(pool_cfg).runtime(Runtime::Tokio1).build()?;
         let store = RedisStore {
             pool,
             conn: RwLock::new(None),
@@ -100,11 +109,7 @@ impl RedisStore {
             return Ok(c.clone());
         }
         let pooled = self.pool.get().await.map_err(err)?;
-        let mut c = deadpool_redis::Connection::take(pooled);
-        // The connection's own per-command timer is the call's timeout: a
-        // second timer around each call would cost a wake-up of the
-        // runtime's driver per call (it is the earliest timer pending).
-        c.set_response_timeout(self.timeout);
+        let c = deadpool_redis::Connection::take(pooled);
         *self.conn.write().map_err(err)? = Some(c.clone());
         Ok(c)
     }

@@ -198,6 +198,10 @@ pub async fn a_lease_renews_the_reservation<S: QuotaStore>(s: S) {
     let l = Limits::default();
     admit_ok(&s, &req(1, "a", l, 10)).await;
     s.lease(&resv(1, "a"), &l, 1, NOW + 120_000).await.unwrap();
+    let mut later = req(1, "b", l, 10);
+    (later.now_ms, later.expires_at_ms) = (NOW + 61_000, NOW + 180_000);
+    admit_ok(&s, &later).await;
+    assert_eq!(usage(&s, 1).await.0.tokens(), 0, "an admission does not sweep the renewed reservation");
     assert_eq!(s.expire(NOW + 61_000, &[1]).await.unwrap(), 0, "renewed by the lease");
     assert_eq!(s.expire(NOW + 121_000, &[1]).await.unwrap(), 1);
 }
