@@ -213,8 +213,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let (admin_url, db_name, redis_url, prefix) =
-            (self.admin_url.clone(), self.db_name.clone(), self.redis_url.clone(), self.prefix.clone());
+        let (admin_url, db_name) = (self.admin_url.clone(), self.db_name.clone());
         // Cleanup needs async I/O but Drop is sync: a short-lived runtime on its own thread.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
@@ -222,6 +221,22 @@ impl Drop for Cluster {
                 if let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(&admin_url).await {
                     let _ = sqlx::Executor::execute(&mut conn, format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)").as_str()).await;
                 }
+            })
+        })
+        .join();
+        drop(RedisKeys(self.prefix.clone()));
+    }
+}
+
+/// Deletes every Redis key under a test's prefix when dropped.
+pub struct RedisKeys(pub String);
+
+impl Drop for RedisKeys {
+    fn drop(&mut self) {
+        let (redis_url, prefix) = (test_redis_url(), self.0.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async move {
                 if let Ok(client) = redis::Client::open(redis_url) {
                     if let Ok(mut c) = client.get_multiplexed_async_connection().await {
                         let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}:*")).query_async(&mut c).await.unwrap_or_default();

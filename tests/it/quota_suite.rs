@@ -309,7 +309,8 @@ macro_rules! quota_suite {
                 ($case:ident) => {
                     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                     async fn $case() {
-                        q::$case($make.await).await
+                        let (store, _cleanup) = $make.await;
+                        q::$case(store).await
                     }
                 };
             }
@@ -333,16 +334,17 @@ macro_rules! quota_suite {
     };
 }
 
-quota_suite!(memory_store, async { llm_quota::quota::memory::MemoryStore::new() });
+quota_suite!(memory_store, async { (llm_quota::quota::memory::MemoryStore::new(), ()) });
 
 quota_suite!(redis_store, async {
     let prefix = format!("lqsuite-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-    llm_quota::quota::redis::RedisStore::connect(
+    let store = llm_quota::quota::redis::RedisStore::connect(
         &crate::common::test_redis_url(),
         &prefix,
         std::time::Duration::from_millis(500),
         std::time::Duration::from_secs(60),
     )
     .await
-    .expect("Redis reachable for tests (scripts/test.sh starts it)")
+    .expect("Redis reachable for tests (scripts/test.sh starts it)");
+    (store, crate::common::RedisKeys(prefix))
 });
