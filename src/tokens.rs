@@ -61,8 +61,14 @@ fn classes() -> &'static Classes {
 
 impl Classes {
     fn slow_kind(&self, ch: char) -> Kind {
+        use std::cmp::Ordering;
         let has = |ranges: &[(char, char)]| {
-            ranges.binary_search_by(|&(lo, hi)| if hi < ch { std::cmp::Ordering::Less } else if lo > ch { std::cmp::Ordering::Greater } else { std::cmp::Ordering::Equal }).is_ok()
+            let place = |&(lo, hi): &(char, char)| match (hi < ch, lo > ch) {
+                (true, _) => Ordering::Less,
+                (_, true) => Ordering::Greater,
+                _ => Ordering::Equal,
+            };
+            ranges.binary_search_by(place).is_ok()
         };
         if has(&self.letter) {
             Kind::Letter

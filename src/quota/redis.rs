@@ -8,8 +8,7 @@
 use std::{sync::RwLock, time::Duration};
 
 use deadpool_redis::{Pool, Runtime, Timeouts};
-use redis::IntoConnectionInfo;
-use redis::{aio::MultiplexedConnection, Script};
+use redis::{aio::MultiplexedConnection, IntoConnectionInfo, Script};
 
 use super::{Admit, AdmitRequest, BucketRef, Charge, LimitKind, Limits, QuotaStore, ReservationRef, StoreError, Usage};
 

@@ -27,7 +27,7 @@ async fn every_documented_family_is_exported_after_traffic() {
     assert_eq!(app.post("/api/chat", &key, json!({"model": MODEL, "stream": false, "messages": [{"role": "user", "content": "hi"}]})).send().await.unwrap().status(), 200);
     let (_, small) = app.create_key(json!({"name": "small", "daily_token_limit": llm_quota::tokens::count_chat_prompt(&chat(MODEL, "hi")) + 2})).await;
     let _ = app.post("/api/chat", &small, chat(MODEL, "hi")).send().await.unwrap().text().await;
-    assert_eq!(app.post("/api/chat", &"sk-wrong".to_string(), chat(MODEL, "hi")).send().await.unwrap().status(), 401);
+    assert_eq!(app.post("/api/chat", "sk-wrong", chat(MODEL, "hi")).send().await.unwrap().status(), 401);
     app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap().text().await.unwrap();
     assert_eq!(app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap().status(), 429);
     app.state.tasks.close();

@@ -96,7 +96,7 @@ async fn openai_stream_strips_the_usage_chunk_unless_asked() {
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let events = sse(&resp.text().await.unwrap());
     assert_eq!(events.last().unwrap(), "[DONE]");
-    assert!(events.iter().all(|e| e.get("choices").map_or(true, |c| !c.as_array().unwrap().is_empty())), "usage chunk leaked: {events:?}");
+    assert!(events.iter().all(|e| e.get("choices").is_none_or(|c| !c.as_array().unwrap().is_empty())), "usage chunk leaked: {events:?}");
     let text: String = events.iter().filter_map(|e| e["choices"][0]["delta"]["content"].as_str()).collect();
     assert_eq!(text, reply_text(12));
 
