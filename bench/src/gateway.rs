@@ -158,6 +158,8 @@ pub struct Setup<'a> {
     pub workdir: &'a Path,
     pub upstream_url: &'a str,
     pub database_url: String,
+    /// Cluster mode: the run's `REDIS_PREFIX` (the scratch database's name).
+    pub redis_prefix: Option<&'a str>,
     pub cpu: Option<usize>,
 }
 
@@ -186,10 +188,11 @@ pub async fn start_gateway(s: Setup<'_>) -> anyhow::Result<Gateway> {
         .stdout(stdout)
         .stderr(stderr);
     if s.mode == Mode::Cluster {
-        // A prefix of the run's own (the scratch database's name): nothing an
-        // earlier run left in Redis is in this run's way.
-        let prefix = s.database_url.rsplit('/').next().unwrap_or("lq_bench");
-        cmd.env("REDIS_URL", "redis://127.0.0.1:6379/").env("REDIS_PREFIX", prefix).env("MIGRATE_ON_START", "true");
+        cmd.env("REDIS_URL", "redis://127.0.0.1:6379/").env("MIGRATE_ON_START", "true");
+    }
+    if let Some(prefix) = s.redis_prefix {
+        // A prefix of the run's own: nothing an earlier run left in Redis is in this run's way.
+        cmd.env("REDIS_PREFIX", prefix);
     }
     // SAFETY: child_setup only makes async-signal-safe syscalls.
     unsafe {
@@ -277,7 +280,8 @@ impl Gateway {
 /// A fresh PostgreSQL database for cluster mode, dropped again afterwards.
 pub struct ScratchDb {
     pub url: String,
-    name: String,
+    /// The database's name, also the run's Redis key prefix.
+    pub name: String,
 }
 
 const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";

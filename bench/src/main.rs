@@ -257,6 +257,7 @@ async fn run(args: Args, machine: sys::MachineInfo, nofile: u64, pinned: bool) -
             workdir: &workdir,
             upstream_url: &upstream,
             database_url,
+            redis_prefix: scratch.as_ref().map(|db| db.name.as_str()),
             cpu: pinned.then_some(1),
         })
         .await?;

@@ -49,19 +49,15 @@ pub fn length_chunk(generate: bool, model: &str, prompt: u64, completion: u64, e
 /// an error, tool calls, images, a field of an unexpected type.
 #[derive(Debug, Default, Deserialize)]
 pub struct Plain<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow)]
     response: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow)]
     thinking: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow)]
     message: Option<&'a RawValue>,
-    #[serde(default)]
     done: Option<bool>,
-    #[serde(default)]
     prompt_eval_count: Option<u64>,
-    #[serde(default)]
     eval_count: Option<u64>,
-    #[serde(default)]
     error: Option<IgnoredAny>,
     #[serde(skip)]
     content: Option<Cow<'a, str>>,
@@ -71,35 +67,28 @@ pub struct Plain<'a> {
 
 #[derive(Deserialize)]
 struct PlainMessage<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow)]
     content: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow)]
     thinking: Option<Cow<'a, str>>,
-    #[serde(default)]
     tool_calls: Option<IgnoredAny>,
-    #[serde(default)]
     images: Option<IgnoredAny>,
 }
 
-/// `text` is a JSON object (serde would also read an array into a struct).
-pub(super) fn is_object(text: &str) -> bool {
-    text.trim_start().starts_with('{')
+/// `text` read as `T` if it is a JSON object (serde would also read an
+/// array into a struct, field by position).
+pub(super) fn object<'a, T: Deserialize<'a>>(text: &'a str) -> Option<T> {
+    text.trim_start().starts_with('{').then(|| serde_json::from_str(text).ok()).flatten()
 }
 
 impl<'a> Plain<'a> {
     pub fn parse(text: &'a str) -> Option<Plain<'a>> {
-        if !is_object(text) {
-            return None;
-        }
-        let mut p: Plain<'a> = serde_json::from_str(text).ok()?;
+        let mut p: Plain<'a> = object(text)?;
         if p.error.is_some() {
             return None;
         }
-        if let Some(raw) = p.message.filter(|m| m.get() != "null") {
-            if !is_object(raw.get()) {
-                return None;
-            }
-            let m: PlainMessage<'a> = serde_json::from_str(raw.get()).ok()?;
+        if let Some(raw) = p.message {
+            let m: PlainMessage<'a> = object(raw.get())?;
             if m.tool_calls.is_some() || m.images.is_some() {
                 return None;
             }

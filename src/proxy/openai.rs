@@ -7,7 +7,7 @@ use std::{borrow::Cow, collections::BTreeMap};
 use serde::{de::IgnoredAny, Deserialize};
 use serde_json::{json, value::RawValue, Map, Value};
 
-use super::ollama::is_object;
+use super::ollama::object;
 use crate::tokens;
 
 /// `(prompt_tokens, completion_tokens)` of a chunk carrying usage.
@@ -94,44 +94,37 @@ pub struct Plain<'a> {
 
 #[derive(Deserialize)]
 struct PlainChunk<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow)]
     choices: Option<Vec<&'a RawValue>>,
-    #[serde(default)]
     usage: Option<IgnoredAny>,
-    #[serde(default)]
     error: Option<IgnoredAny>,
 }
 
 #[derive(Deserialize)]
 struct PlainChoice<'a> {
-    #[serde(default)]
     index: Option<u64>,
-    #[serde(borrow, default)]
+    #[serde(borrow)]
     delta: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow)]
     finish_reason: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
 struct PlainDelta<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow)]
     role: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow)]
     content: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow)]
     reasoning_content: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow)]
     reasoning: Option<Cow<'a, str>>,
-    #[serde(default)]
     tool_calls: Option<IgnoredAny>,
 }
 
 impl<'a> Plain<'a> {
     pub fn parse(text: &'a str) -> Option<Plain<'a>> {
-        if !is_object(text) {
-            return None;
-        }
-        let chunk: PlainChunk<'a> = serde_json::from_str(text).ok()?;
+        let chunk: PlainChunk<'a> = object(text)?;
         if chunk.usage.is_some() || chunk.error.is_some() {
             return None;
         }
@@ -140,20 +133,14 @@ impl<'a> Plain<'a> {
         let [choice] = choices.as_slice() else {
             return choices.is_empty().then_some(p);
         };
-        if !is_object(choice.get()) {
-            return None;
-        }
-        let c: PlainChoice<'a> = serde_json::from_str(choice.get()).ok()?;
+        let c: PlainChoice<'a> = object(choice.get())?;
         if c.index.unwrap_or(0) != 0 {
             return None;
         }
         p.has_choice = true;
         p.finish_reason = c.finish_reason;
-        if let Some(raw) = c.delta.filter(|d| d.get() != "null") {
-            if !is_object(raw.get()) {
-                return None;
-            }
-            let d: PlainDelta<'a> = serde_json::from_str(raw.get()).ok()?;
+        if let Some(raw) = c.delta {
+            let d: PlainDelta<'a> = object(raw.get())?;
             if d.tool_calls.is_some() {
                 return None;
             }

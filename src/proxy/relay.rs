@@ -108,10 +108,11 @@ impl Framer {
             let end = if pos > 0 && raw[pos - 1] == b'\r' { pos - 1 } else { pos };
             if !self.sse {
                 let (json, intact) = utf8(raw.slice(..end));
-                if std::str::from_utf8(&json).map_or(true, |t| t.trim().is_empty()) {
+                let chunk = Chunk { json, line: intact.then_some(raw) };
+                if chunk.text().trim().is_empty() {
                     continue;
                 }
-                return Some(Frame::Data(Chunk { json, line: intact.then_some(raw) }));
+                return Some(Frame::Data(chunk));
             }
             let line = match std::str::from_utf8(&raw[..end]) {
                 Ok(l) => std::borrow::Cow::Borrowed(l),

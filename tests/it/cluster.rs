@@ -26,9 +26,7 @@ async fn replicas(cluster: &Cluster, n: usize) -> Vec<TestApp> {
 
 async fn settle_all(apps: &[TestApp]) {
     for a in apps {
-        a.state.tasks.close();
-        a.state.tasks.wait().await;
-        a.state.tasks.reopen();
+        a.settled().await;
     }
 }
 

@@ -121,6 +121,14 @@ impl TestApp {
     }
 
     /// The admin list's entry for a key.
+    /// Waits until every relay task has settled its request (settlement runs
+    /// after the client has its answer).
+    pub async fn settled(&self) {
+        self.state.tasks.close();
+        self.state.tasks.wait().await;
+        self.state.tasks.reopen();
+    }
+
     pub async fn key_info(&self, id: i64) -> Value {
         let (status, list) = self.admin_json(reqwest::Method::GET, "/api/api-keys", None).await;
         assert_eq!(status, 200);

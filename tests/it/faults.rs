@@ -12,9 +12,7 @@ use crate::{
 const MODEL: &str = "llama3.2:latest";
 
 async fn nothing_held(app: &TestApp, id: i64) -> (u64, u64) {
-    app.state.tasks.close();
-    app.state.tasks.wait().await;
-    app.state.tasks.reopen();
+    app.settled().await;
     let p = app.state.quota.periods();
     let (d, _) = llm_quota::quota::QuotaStore::usage(&app.state.quota.store, id, &p.day, &p.month).await.unwrap();
     let d = d.unwrap();

@@ -30,8 +30,7 @@ async fn every_documented_family_is_exported_after_traffic() {
     assert_eq!(app.post("/api/chat", "sk-wrong", chat(MODEL, "hi")).send().await.unwrap().status(), 401);
     app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap().text().await.unwrap();
     assert_eq!(app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap().status(), 429);
-    app.state.tasks.close();
-    app.state.tasks.wait().await;
+    app.settled().await;
     app.state.flush().await.unwrap();
 
     let have = families(&app).await;

@@ -274,8 +274,7 @@ async fn a_client_that_disconnects_cancels_the_upstream_and_is_charged_for_what_
     drop(body);
     app.mock.state.wait_for_cancelled(1).await;
     assert_eq!(app.mock.state.completed_streams(), 0);
-    app.state.tasks.close();
-    app.state.tasks.wait().await;
+    app.settled().await;
     let info = app.key_info(id).await;
     assert_eq!(info["requests_today"], 1);
     let used = info["tokens_used_today"].as_u64().unwrap();
@@ -333,8 +332,7 @@ async fn an_error_mid_stream_is_passed_on_and_charged_for_what_was_delivered() {
     let lines = ndjson(&app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap().text().await.unwrap());
     assert_eq!(lines.len(), 4, "{lines:?}");
     assert!(lines[3]["error"].is_string());
-    app.state.tasks.close();
-    app.state.tasks.wait().await;
+    app.settled().await;
     let info = app.key_info(id).await;
     assert_eq!(info["requests_today"], 1);
     assert!(info["tokens_used_today"].as_u64().unwrap() > 0);
@@ -356,8 +354,7 @@ async fn usage_is_persisted_per_bucket_and_per_request() {
     let lines = ndjson(&app.post("/api/generate", &key, json!({"model": MODEL, "prompt": "Hi"})).send().await.unwrap().text().await.unwrap());
     let last = lines.last().unwrap();
     let expected = expected + last["prompt_eval_count"].as_u64().unwrap() + last["eval_count"].as_u64().unwrap();
-    app.state.tasks.close();
-    app.state.tasks.wait().await;
+    app.settled().await;
     let info = app.key_info(id).await;
     assert_eq!(info["tokens_used_today"].as_u64(), Some(expected));
     assert_eq!(info["tokens_used_month"].as_u64(), Some(expected));

@@ -17,11 +17,6 @@ fn utc(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
 }
 
-async fn settled(app: &TestApp) {
-    app.state.tasks.close();
-    app.state.tasks.wait().await;
-    app.state.tasks.reopen();
-}
 
 #[tokio::test]
 async fn a_rejection_is_429_naming_limit_key_and_local_reset() {
@@ -94,7 +89,7 @@ async fn an_ollama_stream_ends_cleanly_at_the_quota_and_the_upstream_is_cancelle
     let text: String = lines.iter().filter_map(|l| l["message"]["content"].as_str()).collect();
     assert_eq!(text, crate::mock::reply_text(words));
     app.mock.state.wait_for_cancelled(1).await;
-    settled(&app).await;
+    app.settled().await;
     let (status, list) = app.admin_json(reqwest::Method::GET, "/api/api-keys", None).await;
     assert_eq!(status, 200);
     let limit = list[0]["daily_token_limit"].as_u64().unwrap();
@@ -179,7 +174,7 @@ async fn a_long_stream_does_not_block_the_keys_other_requests() {
     }
     let last = ndjson(std::str::from_utf8(&rest).unwrap()).pop().unwrap();
     assert_eq!(last["done_reason"], "length");
-    settled(&app).await;
+    app.settled().await;
     let info = app.key_info(id).await;
     assert!(info["tokens_used_today"].as_u64().unwrap() <= prompt + 60);
     assert_eq!(info["requests_today"], 2);
@@ -234,7 +229,7 @@ async fn quota_endpoint_reports_both_windows() {
     let app = TestApp::spawn_with(Options::default().clock(Arc::new(clock))).await;
     let (_, key) = app.create_key(json!({"name": "k", "daily_token_limit": 1000, "monthly_request_limit": 10})).await;
     app.post("/api/generate", &key, json!({"model": MODEL, "prompt": "x", "stream": false})).send().await.unwrap();
-    settled(&app).await;
+    app.settled().await;
     for path in ["/v1/quota", "/api/quota"] {
         let v: Value = app.get(path, &key).send().await.unwrap().json().await.unwrap();
         assert_eq!(v["timezone"], "Europe/Berlin");
@@ -260,7 +255,7 @@ async fn sixty_four_mixed_clients_never_overshoot_the_limits() {
     app.mock.state.set_reply_tokens(40);
     let (id, key) = app.create_key(json!({"name": "hammer", "daily_token_limit": 3000, "daily_request_limit": 100})).await;
     let admitted = crate::common::mixed_clients(vec![app.proxy.clone()], &key, 64, 3).await;
-    settled(&app).await;
+    app.settled().await;
     let info = app.key_info(id).await;
     let used = info["tokens_used_today"].as_u64().unwrap();
     let requests = info["requests_today"].as_u64().unwrap();
