@@ -82,22 +82,32 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// Starts `<this binary> mock`, which prints its port on the first line.
 pub fn start_mock(cpu: Option<usize>) -> anyhow::Result<(Proc, u16)> {
+    start_helper(&["mock"], cpu).context("cannot start the mock upstream")
+}
+
+/// Starts `<this binary> floor <upstream>`, the bare proxy, on `cpu`.
+pub fn start_floor(upstream: &str, cpu: Option<usize>) -> anyhow::Result<(Proc, u16)> {
+    start_helper(&["floor", upstream], cpu).context("cannot start the floor proxy")
+}
+
+/// This binary again with `args`; it prints `PORT <n>` on its first line.
+fn start_helper(args: &[&str], cpu: Option<usize>) -> anyhow::Result<(Proc, u16)> {
     let exe = std::env::current_exe().context("cannot find the bench binary")?;
     let mut cmd = Command::new(exe);
-    cmd.arg("mock").stdout(Stdio::piped()).stderr(Stdio::inherit());
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::inherit());
     // SAFETY: child_setup only makes async-signal-safe syscalls.
     unsafe {
         cmd.pre_exec(sys::child_setup(cpu));
     }
-    let mut child = cmd.spawn().context("cannot start the mock upstream")?;
-    let stdout = child.stdout.take().context("mock has no stdout")?;
+    let mut child = cmd.spawn()?;
+    let stdout = child.stdout.take().context("no stdout")?;
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line)?;
     let port = line
         .trim()
         .strip_prefix("PORT ")
         .and_then(|p| p.parse().ok())
-        .with_context(|| format!("mock printed {line:?} instead of its port"))?;
+        .with_context(|| format!("printed {line:?} instead of its port"))?;
     Ok((Proc { child }, port))
 }
 

@@ -20,6 +20,8 @@ use crate::mock::Knobs;
 pub enum Which {
     Direct,
     Gateway,
+    /// The bare proxy of `floor.rs` (latency phase only).
+    Floor,
 }
 
 impl Which {
@@ -27,6 +29,7 @@ impl Which {
         match self {
             Which::Direct => "direct",
             Which::Gateway => "gateway",
+            Which::Floor => "floor",
         }
     }
 }

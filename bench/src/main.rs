@@ -3,6 +3,7 @@
 //! processes, drives both with the same requests interleaved, and prints a
 //! markdown report. See bench/README.md.
 
+mod floor;
 mod gateway;
 mod load;
 mod mock;
@@ -161,6 +162,10 @@ fn main() -> ExitCode {
         let port = argv.next().and_then(|p| p.parse().ok()).unwrap_or(0);
         return run_mock(port);
     }
+    if argv.peek().map(String::as_str) == Some("floor") {
+        argv.next();
+        return run_floor(argv.next().unwrap_or_default());
+    }
     let args = match parse_args(argv) {
         Ok(a) => a,
         Err(e) => {
@@ -184,18 +189,29 @@ fn main() -> ExitCode {
 
 fn run_mock(port: u16) -> ExitCode {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
-    rt.block_on(async {
-        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-        socket.set_reuseaddr(true).expect("SO_REUSEADDR");
-        socket.bind(([127, 0, 0, 1], port).into()).expect("mock: cannot bind");
-        let listener = socket.listen(4096).expect("mock: cannot listen");
-        let port = listener.local_addr().expect("local address").port();
-        println!("PORT {port}");
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
-        mock::serve(listener).await;
-    });
+    rt.block_on(async { mock::serve(announce(port).await).await });
     ExitCode::SUCCESS
+}
+
+/// The bare proxy, on the runtime the gateway uses (`#[tokio::main]`: one
+/// worker per CPU it may run on).
+fn run_floor(upstream: String) -> ExitCode {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    rt.block_on(async { floor::serve(announce(0).await, upstream).await });
+    ExitCode::SUCCESS
+}
+
+/// Listens on 127.0.0.1:`port` (0 = any) and prints `PORT <n>` for the parent.
+async fn announce(port: u16) -> tokio::net::TcpListener {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+    socket.bind(([127, 0, 0, 1], port).into()).expect("cannot bind");
+    let listener = socket.listen(4096).expect("cannot listen");
+    let port = listener.local_addr().expect("local address").port();
+    println!("PORT {port}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    listener
 }
 
 fn git_revision(workspace: &Path) -> String {
@@ -243,6 +259,15 @@ async fn run(args: Args, machine: sys::MachineInfo, nofile: u64, pinned: bool) -
     let spinner_pids: Vec<u32> = spinners.iter().map(|p| p.pid()).collect();
     let (mut mock, mock_port) = gateway::start_mock(pinned.then_some(0))?;
     let mock_pid = mock.pid();
+    // The bare proxy, beside the gateway on its CPU, for the latency phase.
+    let mut floor = match args.phases.iter().any(|p| p == "latency") {
+        true => Some(gateway::start_floor(&format!("http://127.0.0.1:{mock_port}"), pinned.then_some(1))?),
+        false => None,
+    };
+    let mut helper_pids = vec![mock_pid];
+    helper_pids.extend(floor.as_ref().map(|(p, _)| p.pid()));
+    helper_pids.extend(&spinner_pids);
+    let floor_url = floor.as_ref().map(|(_, port)| format!("http://127.0.0.1:{port}"));
     let scratch = match args.mode {
         Mode::Cluster => Some(gateway::ScratchDb::create().await?),
         Mode::Embedded => None,
@@ -262,7 +287,7 @@ async fn run(args: Args, machine: sys::MachineInfo, nofile: u64, pinned: bool) -
         })
         .await?;
         let key = gw.create_key().await?;
-        let measured = measure(&args, &plan, &gw, mock_pid, &spinner_pids, &upstream, &key).await;
+        let measured = measure(&args, &plan, &gw, &helper_pids, &upstream, floor_url.as_deref(), &key).await;
         let alive = gw.proc.alive();
         let log = gw.log_summary();
         gw.proc.stop(Duration::from_secs(5));
@@ -273,6 +298,9 @@ async fn run(args: Args, machine: sys::MachineInfo, nofile: u64, pinned: bool) -
     }
     .await;
     mock.stop(Duration::from_secs(1));
+    if let Some((p, _)) = floor.as_mut() {
+        p.stop(Duration::from_secs(1));
+    }
     drop(spinners);
     if let Some(db) = scratch {
         db.drop_db().await;
@@ -302,9 +330,9 @@ async fn measure(
     args: &Args,
     plan: &Plan,
     gw: &gateway::Gateway,
-    mock_pid: u32,
-    spinner_pids: &[u32],
+    helper_pids: &[u32],
     upstream: &str,
+    floor_url: Option<&str>,
     key: &str,
 ) -> anyhow::Result<report::Report> {
     let loader = Loader::new(args.trace.is_some())?;
@@ -315,11 +343,12 @@ async fn measure(
         auth: Some(HeaderValue::from_str(&format!("Bearer {key}"))?),
     };
     let pid = gw.proc.pid();
-    let sides = Sides { direct: &direct, gateway: &gateway, gateway_pid: pid };
+    let floor = floor_url.map(|base| Target { which: Which::Floor, base: base.to_owned(), auth: None });
+    let sides = Sides { direct: &direct, gateway: &gateway, floor: floor.as_ref(), gateway_pid: pid };
     let on = |p: &str| args.phases.iter().any(|x| x == p);
     // CPU used by processes other than ours while measuring: the noise.
     let ours = || {
-        [std::process::id(), mock_pid, pid].iter().chain(spinner_pids).map(|&p| sys::cpu_time(p).unwrap_or_default()).sum::<Duration>()
+        [std::process::id(), pid].iter().chain(helper_pids).map(|&p| sys::cpu_time(p).unwrap_or_default()).sum::<Duration>()
     };
     let (busy_start, ours_start, wall_start) = (sys::machine_busy(), ours(), Instant::now());
     let mut r = report::Report::default();
@@ -332,13 +361,13 @@ async fn measure(
         let body = load::body(Api::OpenAi, Knobs { delay_ms: 0, chunks: 16, gap_ms: 0 }, 200, false);
         for w in [Which::Gateway, Which::Direct] {
             let t0 = Instant::now();
-            loader.unary(sides_target(&sides, w), Api::OpenAi, body.clone()).await;
+            loader.unary(sides.get(w), Api::OpenAi, body.clone()).await;
             r.first_request.push((w, t0.elapsed()));
         }
         for api in [Api::OpenAi, Api::Chat, Api::Generate] {
             let body = load::body(api, Knobs { delay_ms: 0, chunks: 16, gap_ms: 0 }, 200, false);
             for w in [Which::Gateway, Which::Direct] {
-                loader.unary(sides_target(&sides, w), api, body.clone()).await;
+                loader.unary(sides.get(w), api, body.clone()).await;
             }
         }
     }
@@ -394,11 +423,4 @@ async fn measure(
     r.threads_end = sys::threads(pid).unwrap_or(0);
     r.gateway_cpu_total = sys::cpu_time(pid).unwrap_or_default();
     Ok(r)
-}
-
-fn sides_target<'a>(sides: &Sides<'a>, w: Which) -> &'a Target {
-    match w {
-        Which::Direct => sides.direct,
-        Which::Gateway => sides.gateway,
-    }
 }

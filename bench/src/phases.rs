@@ -18,14 +18,17 @@ use crate::sys;
 pub struct Sides<'a> {
     pub direct: &'a Target,
     pub gateway: &'a Target,
+    /// A bare proxy on the gateway's CPU (see `floor.rs`), if one runs.
+    pub floor: Option<&'a Target>,
     pub gateway_pid: u32,
 }
 
 impl<'a> Sides<'a> {
-    fn get(&self, w: Which) -> &'a Target {
+    pub fn get(&self, w: Which) -> &'a Target {
         match w {
             Which::Direct => self.direct,
             Which::Gateway => self.gateway,
+            Which::Floor => self.floor.expect("no floor proxy in this run"),
         }
     }
 }
@@ -40,6 +43,7 @@ impl<T> Pair<T> {
         match w {
             Which::Direct => &mut self.direct,
             Which::Gateway => &mut self.gateway,
+            Which::Floor => unreachable!("only the latency phase measures the floor"),
         }
     }
 }
@@ -95,31 +99,42 @@ pub async fn sanity(loader: &Loader, sides: &Sides<'_>) -> Vec<String> {
 pub struct LatencyRow {
     pub case: String,
     pub h: Pair<Histogram<u64>>,
+    /// The same requests through the bare proxy, if one ran.
+    pub floor: Option<Histogram<u64>>,
 }
 
 /// Added latency at concurrency 1: non-streaming requests, answering mock.
+/// With a floor proxy the three sides take turns (the order rotates).
 pub async fn latency(loader: &Loader, sides: &Sides<'_>, warmup: usize, pairs: usize) -> Vec<LatencyRow> {
     let knobs = Knobs { delay_ms: 0, chunks: 16, gap_ms: 0 };
+    let mut turns = vec![Which::Direct, Which::Gateway];
+    turns.extend(sides.floor.map(|_| Which::Floor));
+    let turn = |i: usize, j: usize| turns[(i + j) % turns.len()];
     let mut rows = Vec::new();
     for (api, size) in [(Api::OpenAi, 200), (Api::OpenAi, 2048), (Api::Chat, 200), (Api::Chat, 2048)] {
         let body = load::body(api, knobs, size, false);
         for i in 0..warmup {
-            for w in order(i) {
-                loader.unary(sides.get(w), api, body.clone()).await;
+            for j in 0..turns.len() {
+                loader.unary(sides.get(turn(i, j)), api, body.clone()).await;
             }
         }
         let mut h = hist_pair();
+        let mut floor = sides.floor.map(|_| histogram());
         for i in 0..pairs {
-            for w in order(i) {
+            for j in 0..turns.len() {
+                let w = turn(i, j);
                 let t0 = Instant::now();
                 if loader.unary(sides.get(w), api, body.clone()).await.is_some() {
-                    record(h.get_mut(w), t0.elapsed());
+                    match (w, floor.as_mut()) {
+                        (Which::Floor, Some(f)) => record(f, t0.elapsed()),
+                        _ => record(h.get_mut(w), t0.elapsed()),
+                    }
                 }
             }
         }
         let case = format!("{} {} prompt", api.path(), if size < 1024 { "200 B" } else { "2 KB" });
         eprintln!("bench:   {case}: {} / {} ok", h.direct.len(), h.gateway.len());
-        rows.push(LatencyRow { case, h });
+        rows.push(LatencyRow { case, h, floor });
     }
     rows
 }

@@ -124,6 +124,10 @@ impl Report {
             let (d50, g50, d99, g99) = (q(&r.h.direct, 0.5), q(&r.h.gateway, 0.5), q(&r.h.direct, 0.99), q(&r.h.gateway, 0.99));
             rows.push([format!("latency p50, {}", r.case), ms(d50), ms(g50), added(g50, d50), ratio(g50, d50)]);
             rows.push([format!("latency p99, {}", r.case), ms(d99), ms(g99), added(g99, d99), ratio(g99, d99)]);
+            if let Some(f) = &r.floor {
+                let (f50, f99) = (q(f, 0.5), q(f, 0.99));
+                rows.push([format!("floor (bare proxy hop) p50 / p99, {}", r.case), ms(d50) + " / " + &ms(d99), ms(f50) + " / " + &ms(f99), added(f50, d50) + " / " + &added(f99, d99), ratio(f50, d50)]);
+            }
         }
         if let Some(best) = self.rates.iter().filter(|l| l.passes() && l.generator_ok()).max_by(|a, b| a.rate.total_cmp(&b.rate)) {
             rows.push([
@@ -259,14 +263,15 @@ impl Report {
 
         if !self.latency.is_empty() {
             let _ = writeln!(o, "\n### Added latency, concurrency 1, non-streaming (mock answers at once, 16 chunks)\n");
-            let _ = writeln!(o, "| case | n | direct p50 | gateway p50 | added p50 | × | direct p99 | gateway p99 | added p99 | × |");
-            let _ = writeln!(o, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+            let _ = writeln!(o, "| case | n | direct p50 | gateway p50 | added p50 | × | direct p99 | gateway p99 | added p99 | × | floor added p50 / p99 |");
+            let _ = writeln!(o, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
             for r in &self.latency {
                 let (d50, g50, d99, g99) =
                     (q(&r.h.direct, 0.5), q(&r.h.gateway, 0.5), q(&r.h.direct, 0.99), q(&r.h.gateway, 0.99));
+                let floor = r.floor.as_ref().map_or("–".into(), |f| format!("{} / {}", added(q(f, 0.5), d50), added(q(f, 0.99), d99)));
                 let _ = writeln!(
                     o,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     r.case,
                     r.h.gateway.len(),
                     ms(d50),
@@ -276,7 +281,15 @@ impl Report {
                     ms(d99),
                     ms(g99),
                     added(g99, d99),
-                    ratio(g99, d99)
+                    ratio(g99, d99),
+                    floor
+                );
+            }
+            if self.latency.iter().any(|r| r.floor.is_some()) {
+                let _ = writeln!(
+                    o,
+                    "\n**floor**: the same requests through a bare proxy on the gateway's CPU (tokio, hyper, reqwest; no key, quota, counting or parsing), \
+                     taking turns with the other two sides: what one more HTTP hop costs on this machine. The gateway's own work is its added minus the floor's."
                 );
             }
         }

@@ -5,7 +5,7 @@
 //! whatever the client does; a client that goes away cancels the upstream
 //! request by dropping it.
 
-use std::time::Instant;
+use std::{future::Future, task::Poll, time::Instant};
 
 use axum::http::StatusCode;
 use bytes::{Bytes, BytesMut};
@@ -497,43 +497,65 @@ impl RelayJob {
             _ => (self.reservation.prompt_tokens, run.metered),
         };
         let settling = Instant::now();
-        if let Err(e) = self
-            .state
-            .quota
-            .settle(&self.reservation, Charge { prompt_tokens: prompt, completion_tokens: completion, refund_request: refund })
-            .await
-        {
+        let charge = Charge { prompt_tokens: prompt, completion_tokens: completion, refund_request: refund };
+        let mut settle = std::pin::pin!(self.state.quota.settle(&self.reservation, charge));
+        // The settlement goes out before the answer does, and its reply is
+        // awaited after: one store round trip less on the client's time.
+        // The first poll queues the call on the store's one connection, ahead
+        // of anything this client's next request sends there; the yield lets
+        // the connection write it out, so the store has it before the client
+        // has its answer and another replica can ask.
+        let mut settled = None;
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = settle.as_mut().poll(cx) {
+                settled = Some(r);
+            }
+            Poll::Ready(())
+        })
+        .await;
+        if settled.is_none() {
+            tokio::task::yield_now().await;
+        }
+        let mut status = StatusCode::OK;
+        match self.sink {
+            Sink::Whole(tx) => {
+                let answer = match outcome {
+                    Outcome::UpstreamError => {
+                        status = StatusCode::BAD_GATEWAY;
+                        Err(ApiError::new(status, run.error.clone().unwrap_or_else(|| "upstream error".into())))
+                    }
+                    _ => Ok(match self.meta.dialect {
+                        Dialect::OpenAiChat => run.openai.finish(outcome == Outcome::Quota, (prompt, completion)),
+                        d => {
+                            let final_chunk = match (outcome, run.final_chunk) {
+                                (Outcome::Complete, Some(f)) => f,
+                                _ => ollama::length_chunk(
+                                    d == Dialect::OllamaGenerate,
+                                    &self.meta.model,
+                                    prompt,
+                                    completion,
+                                    self.meta.started.elapsed().as_nanos() as u64,
+                                ),
+                            };
+                            run.ollama.finish(final_chunk)
+                        }
+                    }),
+                };
+                let _ = tx.send(answer);
+            }
+            // Dropping the sender ends the client's stream.
+            Sink::Stream(tx) => drop(tx),
+        }
+        let settled = match settled {
+            Some(r) => r,
+            None => settle.await,
+        };
+        if let Err(e) = settled {
             // The reservation lapses and is charged what it held.
             tracing::error!(error = %e, "settle failed");
         }
         ::metrics::histogram!(metrics::GATEWAY_OVERHEAD, "route" => self.meta.dialect.route())
             .record((self.overhead + settling.elapsed()).as_secs_f64());
-        let mut status = StatusCode::OK;
-        if let Sink::Whole(tx) = self.sink {
-            let answer = match outcome {
-                Outcome::UpstreamError => {
-                    status = StatusCode::BAD_GATEWAY;
-                    Err(ApiError::new(status, run.error.clone().unwrap_or_else(|| "upstream error".into())))
-                }
-                _ => Ok(match self.meta.dialect {
-                    Dialect::OpenAiChat => run.openai.finish(outcome == Outcome::Quota, (prompt, completion)),
-                    d => {
-                        let final_chunk = match (outcome, run.final_chunk) {
-                            (Outcome::Complete, Some(f)) => f,
-                            _ => ollama::length_chunk(
-                                d == Dialect::OllamaGenerate,
-                                &self.meta.model,
-                                prompt,
-                                completion,
-                                self.meta.started.elapsed().as_nanos() as u64,
-                            ),
-                        };
-                        run.ollama.finish(final_chunk)
-                    }
-                }),
-            };
-            let _ = tx.send(answer);
-        }
         if let Some(err) = &run.error {
             tracing::warn!(request_id = %self.meta.request_id, error = %err, "upstream failed during the completion");
         }

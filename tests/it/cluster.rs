@@ -63,6 +63,13 @@ async fn three_replicas_enforce_one_key_exactly_and_the_stores_agree() {
 }
 
 #[tokio::test]
+async fn the_next_request_finds_the_last_one_settled_in_redis() {
+    let cluster = Cluster::new().await;
+    let app = TestApp::spawn_with(cluster.options()).await;
+    crate::quota::the_next_request_finds_the_last_one_settled(&app).await;
+}
+
+#[tokio::test]
 async fn admin_changes_reach_every_replica_within_a_second() {
     let cluster = Cluster::new().await;
     let apps = replicas(&cluster, 2).await;

@@ -267,3 +267,36 @@ async fn sixty_four_mixed_clients_never_overshoot_the_limits() {
     let (d, _) = app.state.quota.store.usage(id, &periods.day, &periods.month).await.unwrap();
     assert_eq!(d.unwrap().reserved, 0, "no reservation left behind");
 }
+
+/// A client's next request finds its previous one settled, without waiting:
+/// the gateway queues the settlement on the quota store before the answer
+/// (or the stream's end) goes out, and the store runs calls in order. The
+/// key has room for two prompts and one answer, which is only true once
+/// the first request's reservation (all the key had) became its usage.
+pub async fn the_next_request_finds_the_last_one_settled(app: &TestApp) {
+    let body = json!({"model": MODEL, "stream": false, "messages": [{"role": "user", "content": "hi"}]});
+    let prompt = llm_quota::tokens::count_chat_prompt(&body);
+    let (_, probe) = app.create_key(json!({"name": "probe"})).await;
+    let answer: Value = app.post("/api/chat", &probe, body.clone()).send().await.unwrap().json().await.unwrap();
+    let completion = answer["eval_count"].as_u64().unwrap();
+    assert!(completion + 5 < 256, "the first request holds the whole key (LEASE_TOKENS is 256)");
+    let (_, key) = app.create_key(json!({"name": "tight", "daily_token_limit": 2 * prompt + completion + 5})).await;
+
+    let mut stream_body = body.clone();
+    stream_body["stream"] = json!(true);
+    let first = app.post("/api/chat", &key, stream_body).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let lines = ndjson(&first.text().await.unwrap());
+    assert_eq!(lines.last().unwrap()["done_reason"], "stop");
+    let second = app.post("/api/chat", &key, body.clone()).send().await.unwrap();
+    assert_eq!(second.status(), 200, "the first request's reservation was settled to its usage");
+    let v: Value = second.json().await.unwrap();
+    assert_eq!(v["done_reason"], "length", "the second had room for its prompt and 5 tokens");
+    let third = app.post("/api/chat", &key, body).send().await.unwrap();
+    assert_eq!(third.status(), 429, "the second was settled too");
+}
+
+#[tokio::test]
+async fn the_next_request_finds_the_last_one_settled_embedded() {
+    the_next_request_finds_the_last_one_settled(&TestApp::spawn().await).await;
+}
