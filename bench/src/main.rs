@@ -259,8 +259,8 @@ async fn run(args: Args, machine: sys::MachineInfo, nofile: u64, pinned: bool) -
     let spinner_pids: Vec<u32> = spinners.iter().map(|p| p.pid()).collect();
     let (mut mock, mock_port) = gateway::start_mock(pinned.then_some(0))?;
     let mock_pid = mock.pid();
-    // The bare proxy, beside the gateway on its CPU, for the latency phase.
-    let mut floor = match args.phases.iter().any(|p| p == "latency") {
+    // The bare proxy, beside the gateway on its CPU, for the latency and stream phases.
+    let mut floor = match args.phases.iter().any(|p| p == "latency" || p == "stream") {
         true => Some(gateway::start_floor(&format!("http://127.0.0.1:{mock_port}"), pinned.then_some(1))?),
         false => None,
     };

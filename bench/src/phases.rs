@@ -48,6 +48,39 @@ impl<T> Pair<T> {
     }
 }
 
+/// One histogram per side that takes turns: direct, gateway and, when it
+/// runs, the floor proxy.
+pub struct Hists {
+    pub direct: Histogram<u64>,
+    pub gateway: Histogram<u64>,
+    pub floor: Option<Histogram<u64>>,
+}
+
+impl Hists {
+    fn new(sides: &Sides<'_>) -> Hists {
+        Hists { direct: histogram(), gateway: histogram(), floor: sides.floor.map(|_| histogram()) }
+    }
+
+    fn get_mut(&mut self, w: Which) -> &mut Histogram<u64> {
+        match w {
+            Which::Direct => &mut self.direct,
+            Which::Gateway => &mut self.gateway,
+            Which::Floor => self.floor.as_mut().expect("no floor proxy in this run"),
+        }
+    }
+}
+
+impl Sides<'_> {
+    /// The sides that take turns, in the order of turn `i` (it rotates, so
+    /// no side always goes first).
+    fn turns(&self, i: usize) -> Vec<Which> {
+        let mut all = vec![Which::Direct, Which::Gateway];
+        all.extend(self.floor.map(|_| Which::Floor));
+        let n = all.len();
+        (0..n).map(|j| all[(i + j) % n]).collect()
+    }
+}
+
 fn hist_pair() -> Pair<Histogram<u64>> {
     Pair { direct: histogram(), gateway: histogram() }
 }
@@ -98,43 +131,32 @@ pub async fn sanity(loader: &Loader, sides: &Sides<'_>) -> Vec<String> {
 
 pub struct LatencyRow {
     pub case: String,
-    pub h: Pair<Histogram<u64>>,
-    /// The same requests through the bare proxy, if one ran.
-    pub floor: Option<Histogram<u64>>,
+    pub h: Hists,
 }
 
 /// Added latency at concurrency 1: non-streaming requests, answering mock.
-/// With a floor proxy the three sides take turns (the order rotates).
 pub async fn latency(loader: &Loader, sides: &Sides<'_>, warmup: usize, pairs: usize) -> Vec<LatencyRow> {
     let knobs = Knobs { delay_ms: 0, chunks: 16, gap_ms: 0 };
-    let mut turns = vec![Which::Direct, Which::Gateway];
-    turns.extend(sides.floor.map(|_| Which::Floor));
-    let turn = |i: usize, j: usize| turns[(i + j) % turns.len()];
     let mut rows = Vec::new();
     for (api, size) in [(Api::OpenAi, 200), (Api::OpenAi, 2048), (Api::Chat, 200), (Api::Chat, 2048)] {
         let body = load::body(api, knobs, size, false);
         for i in 0..warmup {
-            for j in 0..turns.len() {
-                loader.unary(sides.get(turn(i, j)), api, body.clone()).await;
+            for w in sides.turns(i) {
+                loader.unary(sides.get(w), api, body.clone()).await;
             }
         }
-        let mut h = hist_pair();
-        let mut floor = sides.floor.map(|_| histogram());
+        let mut h = Hists::new(sides);
         for i in 0..pairs {
-            for j in 0..turns.len() {
-                let w = turn(i, j);
+            for w in sides.turns(i) {
                 let t0 = Instant::now();
                 if loader.unary(sides.get(w), api, body.clone()).await.is_some() {
-                    match (w, floor.as_mut()) {
-                        (Which::Floor, Some(f)) => record(f, t0.elapsed()),
-                        _ => record(h.get_mut(w), t0.elapsed()),
-                    }
+                    record(h.get_mut(w), t0.elapsed());
                 }
             }
         }
         let case = format!("{} {} prompt", api.path(), if size < 1024 { "200 B" } else { "2 KB" });
         eprintln!("bench:   {case}: {} / {} ok", h.direct.len(), h.gateway.len());
-        rows.push(LatencyRow { case, h, floor });
+        rows.push(LatencyRow { case, h });
     }
     rows
 }
@@ -201,21 +223,22 @@ pub async fn cpu(loader: &Loader, sides: &Sides<'_>, requests: usize, streams: u
 
 pub struct StreamRow {
     pub case: String,
-    pub ttfc: Pair<Histogram<u64>>,
-    pub gap: Pair<Histogram<u64>>,
+    pub ttfc: Hists,
+    pub gap: Hists,
 }
 
-/// Time to first chunk and the gaps between chunks of paced streams, both
+/// Time to first chunk and the gaps between chunks of paced streams, the
 /// sides interleaved, `workers` streams at a time.
 pub async fn streaming(loader: &Loader, sides: &Sides<'_>, knobs: Knobs, pairs: usize, workers: usize) -> Vec<StreamRow> {
     let mut rows = Vec::new();
     for api in [Api::Chat, Api::Generate, Api::OpenAi] {
         let body = load::body(api, knobs, 200, true);
-        let mut ttfc = hist_pair();
-        let mut gap = hist_pair();
-        let mut results = futures_util::stream::iter(0..pairs * 2)
+        let mut ttfc = Hists::new(sides);
+        let mut gap = Hists::new(sides);
+        let n = sides.turns(0).len();
+        let mut results = futures_util::stream::iter(0..pairs * n)
             .map(|i| {
-                let w = order(i / 2)[i % 2];
+                let w = sides.turns(i / n)[i % n];
                 let body = body.clone();
                 async move { (w, loader.stream(sides.get(w), api, body, Instant::now()).await) }
             })

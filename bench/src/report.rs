@@ -112,6 +112,11 @@ fn q(h: &Histogram<u64>, quantile: f64) -> u64 {
     }
 }
 
+/// The floor proxy's added p50 / p99 over direct, or a dash without one.
+fn floor_added(floor: Option<&Histogram<u64>>, d50: u64, d99: u64) -> String {
+    floor.map_or("–".into(), |f| format!("{} / {}", added(q(f, 0.5), d50), added(q(f, 0.99), d99)))
+}
+
 fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
@@ -124,7 +129,7 @@ impl Report {
             let (d50, g50, d99, g99) = (q(&r.h.direct, 0.5), q(&r.h.gateway, 0.5), q(&r.h.direct, 0.99), q(&r.h.gateway, 0.99));
             rows.push([format!("latency p50, {}", r.case), ms(d50), ms(g50), added(g50, d50), ratio(g50, d50)]);
             rows.push([format!("latency p99, {}", r.case), ms(d99), ms(g99), added(g99, d99), ratio(g99, d99)]);
-            if let Some(f) = &r.floor {
+            if let Some(f) = &r.h.floor {
                 let (f50, f99) = (q(f, 0.5), q(f, 0.99));
                 rows.push([format!("floor (bare proxy hop) p50 / p99, {}", r.case), ms(d50) + " / " + &ms(d99), ms(f50) + " / " + &ms(f99), added(f50, d50) + " / " + &added(f99, d99), ratio(f50, d50)]);
             }
@@ -154,6 +159,10 @@ impl Report {
             rows.push([format!("time to first chunk p50, {api}"), ms(t50d), ms(t50g), added(t50g, t50d), ratio(t50g, t50d)]);
             rows.push([format!("time to first chunk p99, {api}"), ms(t99d), ms(t99g), added(t99g, t99d), ratio(t99g, t99d)]);
             rows.push([format!("inter-chunk gap p99, {api}"), ms(g99d), ms(g99g), added(g99g, g99d), ratio(g99g, g99d)]);
+            if let Some(f) = &r.ttfc.floor {
+                let (f50, f99) = (q(f, 0.5), q(f, 0.99));
+                rows.push([format!("floor (bare proxy hop) TTFC p50 / p99, {api}"), ms(t50d) + " / " + &ms(t99d), ms(f50) + " / " + &ms(f99), added(f50, t50d) + " / " + &added(f99, t99d), ratio(f50, t50d)]);
+            }
         }
         if !self.crowds.is_empty() {
             let held = |f: &dyn Fn(&CrowdLevel) -> bool| {
@@ -268,7 +277,7 @@ impl Report {
             for r in &self.latency {
                 let (d50, g50, d99, g99) =
                     (q(&r.h.direct, 0.5), q(&r.h.gateway, 0.5), q(&r.h.direct, 0.99), q(&r.h.gateway, 0.99));
-                let floor = r.floor.as_ref().map_or("–".into(), |f| format!("{} / {}", added(q(f, 0.5), d50), added(q(f, 0.99), d99)));
+                let floor = floor_added(r.h.floor.as_ref(), d50, d99);
                 let _ = writeln!(
                     o,
                     "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -285,7 +294,7 @@ impl Report {
                     floor
                 );
             }
-            if self.latency.iter().any(|r| r.floor.is_some()) {
+            if self.latency.iter().any(|r| r.h.floor.is_some()) {
                 let _ = writeln!(
                     o,
                     "\n**floor**: the same requests through a bare proxy on the gateway's CPU (tokio, hyper, reqwest; no key, quota, counting or parsing), \
@@ -317,14 +326,14 @@ impl Report {
         if !self.streaming.is_empty() {
             let k = self.stream_knobs.unwrap_or(Knobs { delay_ms: 0, chunks: 0, gap_ms: 0 });
             let _ = writeln!(o, "\n### Streaming: time to first chunk and inter-chunk gaps ({} chunks {} ms apart, 4 streams at a time)\n", k.chunks, k.gap_ms);
-            let _ = writeln!(o, "| case | n | TTFC p50 direct / gateway | added | TTFC p99 direct / gateway | added | gap p99 direct / gateway | added | max gap direct / gateway |");
-            let _ = writeln!(o, "|---|--:|--:|--:|--:|--:|--:|--:|--:|");
+            let _ = writeln!(o, "| case | n | TTFC p50 direct / gateway | added | TTFC p99 direct / gateway | added | gap p99 direct / gateway | added | max gap direct / gateway | floor TTFC added p50 / p99 |");
+            let _ = writeln!(o, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
             for r in &self.streaming {
                 let (t50d, t50g, t99d, t99g) = (q(&r.ttfc.direct, 0.5), q(&r.ttfc.gateway, 0.5), q(&r.ttfc.direct, 0.99), q(&r.ttfc.gateway, 0.99));
                 let (g99d, g99g) = (q(&r.gap.direct, 0.99), q(&r.gap.gateway, 0.99));
                 let _ = writeln!(
                     o,
-                    "| {} | {} | {} / {} | {} | {} / {} | {} | {} / {} | {} | {} / {} |",
+                    "| {} | {} | {} / {} | {} | {} / {} | {} | {} / {} | {} | {} / {} | {} |",
                     r.case,
                     r.ttfc.gateway.len(),
                     ms(t50d),
@@ -338,6 +347,7 @@ impl Report {
                     added(g99g, g99d),
                     ms(r.gap.direct.max()),
                     ms(r.gap.gateway.max()),
+                    floor_added(r.ttfc.floor.as_ref(), t50d, t99d),
                 );
             }
         }

@@ -49,6 +49,9 @@ impl Dialect {
     }
 }
 
+/// How long a finished relay waits for the end of the upstream's body.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// One unit of the upstream stream: an NDJSON line or an SSE event's data.
 #[derive(Debug, PartialEq, Eq)]
 enum Frame {
@@ -273,9 +276,22 @@ impl RelayJob {
                 None => {}
             }
         }
-        // Dropping the response cancels the upstream request.
-        drop(upstream);
+        if run.outcome != Some(Outcome::Complete) {
+            // Dropping the response cancels the upstream request.
+            drop(upstream);
+            self.finish(run).await;
+            return;
+        }
         self.finish(run).await;
+        // The final chunk came; the body's end (the chunked terminator)
+        // usually follows in a write of its own. Read it, after the client
+        // has its answer, so the connection goes back to the pool: dropped
+        // unread, it would be closed, and the next request would open a new
+        // one (a TCP handshake with the upstream).
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+            while let Ok(Some(_)) = upstream.chunk().await {}
+        })
+        .await;
     }
 
     fn client_gone(&self) -> bool {

@@ -121,6 +121,10 @@ impl MockUpstream {
             .expect("mock upstream: no local address");
         let state = Arc::new(MockState::default());
         let app = router(state.clone());
+        let counter = state.clone();
+        let listener = axum::serve::ListenerExt::tap_io(listener, move |_| {
+            counter.connections.fetch_add(1, Ordering::SeqCst);
+        });
         tokio::spawn(async move {
             axum::serve(listener, app)
                 .await
@@ -139,6 +143,7 @@ pub struct MockState {
     header_delay: Mutex<Duration>,
     failure: Mutex<Failure>,
     requests: AtomicUsize,
+    connections: AtomicUsize,
     requests_by_path: Mutex<HashMap<String, usize>>,
     last_body: Mutex<Option<Value>>,
     last_headers: Mutex<HeaderMap>,
@@ -155,6 +160,7 @@ impl Default for MockState {
             header_delay: Mutex::new(Duration::ZERO),
             failure: Mutex::new(Failure::None),
             requests: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
             requests_by_path: Mutex::new(HashMap::new()),
             last_body: Mutex::new(None),
             last_headers: Mutex::new(HeaderMap::new()),
@@ -194,6 +200,11 @@ impl MockState {
     /// Requests received on any route (counted on arrival, before any delay).
     pub fn requests(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections accepted.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 
     /// Requests received on this exact path (no query string).
@@ -923,7 +934,12 @@ fn stream_body(state: Arc<MockState>, proto: Proto, frames: Vec<Frame>) -> Body 
         },
     };
     let stream = futures_util::stream::unfold(run, |mut run| async move {
-        let frame = run.frames.pop_front()?;
+        let Some(frame) = run.frames.pop_front() else {
+            // As from Ollama (Go's net/http), the body's end (the chunked
+            // terminator) comes in a write of its own after the last chunk.
+            tokio::task::yield_now().await;
+            return None;
+        };
         if run.started && !run.delay.is_zero() {
             tokio::time::sleep(run.delay).await;
         }

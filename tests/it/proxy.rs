@@ -157,6 +157,33 @@ async fn ollama_chat_streams_ndjson_and_assembles_non_stream() {
     assert_eq!(v["eval_count"], last["eval_count"]);
 }
 
+/// A finished completion leaves its upstream connection in the pool: the
+/// relay reads the body's end (which the mock, like Ollama, sends in a
+/// write of its own) instead of dropping the body one read short of it.
+#[tokio::test]
+async fn finished_completions_reuse_the_upstream_connection() {
+    let app = TestApp::spawn().await;
+    let (_, key) = app.key("k").await;
+    let mut ollama_whole = chat(MODEL, "hi");
+    ollama_whole["stream"] = json!(false);
+    let mut openai_stream = chat(MODEL, "hi");
+    openai_stream["stream"] = json!(true);
+    for (path, body) in [
+        ("/api/chat", chat(MODEL, "hi")),
+        ("/api/chat", ollama_whole),
+        ("/v1/chat/completions", openai_stream),
+        ("/v1/chat/completions", chat(MODEL, "hi")),
+        ("/api/generate", json!({"model": MODEL, "prompt": "hi"})),
+    ] {
+        let resp = app.post(path, &key, body).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        resp.bytes().await.unwrap();
+        app.settled().await;
+    }
+    assert_eq!(app.mock.state.requests(), 5);
+    assert_eq!(app.mock.state.connections(), 1, "one upstream connection for five completions");
+}
+
 #[tokio::test]
 async fn ollama_tool_call_arguments_stay_objects() {
     let app = TestApp::spawn().await;
