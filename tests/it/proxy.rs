@@ -440,3 +440,34 @@ async fn official_python_clients_work_through_the_gateway() {
     let (_, key) = app.key("python").await;
     crate::mock::run_python_clients(&format!("{}/v1", app.proxy), &app.proxy, &key, MODEL).await;
 }
+
+/// Usage events go in multi-row statements: 600 events make three (256,
+/// 256, 88 rows), a repeated batch is skipped by request id, and the totals
+/// add up. Run on SQLite (`?` placeholders) and PostgreSQL (`$n`).
+pub async fn events_insert_in_statements_and_skip_repeats(db: &llm_quota::store::Db) {
+    let event = |i: u64| llm_quota::store::usage::UsageEvent {
+        request_id: format!("r{i}"),
+        ts_ms: 1_795_000_000_000 + i as i64,
+        day: "2026-11-28".into(),
+        key_id: 4242,
+        route: "/api/chat".into(),
+        model: MODEL.into(),
+        status: 200,
+        prompt_tokens: 3,
+        completion_tokens: i % 7,
+        duration_ms: 1,
+        refunded: false,
+        outcome: "complete",
+    };
+    let events: Vec<_> = (0..600).map(event).collect();
+    db.insert_events(&events).await.unwrap();
+    db.insert_events(&events[500..]).await.unwrap();
+    let completion: u64 = (0..600).map(|i| i % 7).sum();
+    assert_eq!(db.event_totals(4242).await.unwrap(), (600, 1800, completion));
+}
+
+#[tokio::test]
+async fn usage_events_insert_in_statements_on_sqlite() {
+    let app = TestApp::spawn().await;
+    events_insert_in_statements_and_skip_repeats(&app.state.db).await;
+}
