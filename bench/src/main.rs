@@ -201,6 +201,11 @@ fn run_floor(upstream: String) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `http://127.0.0.1:<port>`, where the bench's helpers listen.
+fn local_url(port: u16) -> String {
+    format!("http://127.0.0.1:{port}")
+}
+
 /// Listens on 127.0.0.1:`port` (0 = any) and prints `PORT <n>` for the parent.
 async fn announce(port: u16) -> tokio::net::TcpListener {
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
@@ -259,22 +264,23 @@ async fn run(args: Args, machine: sys::MachineInfo, nofile: u64, pinned: bool) -
     let spinner_pids: Vec<u32> = spinners.iter().map(|p| p.pid()).collect();
     let (mut mock, mock_port) = gateway::start_mock(pinned.then_some(0))?;
     let mock_pid = mock.pid();
+    let upstream = local_url(mock_port);
     // The bare proxy, beside the gateway on its CPU, for the latency and stream phases.
-    let mut floor = match args.phases.iter().any(|p| p == "latency" || p == "stream") {
-        true => Some(gateway::start_floor(&format!("http://127.0.0.1:{mock_port}"), pinned.then_some(1))?),
-        false => None,
+    let mut floor = if args.phases.iter().any(|p| p == "latency" || p == "stream") {
+        Some(gateway::start_floor(&upstream, pinned.then_some(1))?)
+    } else {
+        None
     };
     let mut helper_pids = vec![mock_pid];
     helper_pids.extend(floor.as_ref().map(|(p, _)| p.pid()));
     helper_pids.extend(&spinner_pids);
-    let floor_url = floor.as_ref().map(|(_, port)| format!("http://127.0.0.1:{port}"));
+    let floor_url = floor.as_ref().map(|(_, port)| local_url(*port));
     let scratch = match args.mode {
         Mode::Cluster => Some(gateway::ScratchDb::create().await?),
         Mode::Embedded => None,
     };
     let database_url =
         scratch.as_ref().map_or_else(|| format!("sqlite://{}/bench.db", workdir.display()), |db| db.url.clone());
-    let upstream = format!("http://127.0.0.1:{mock_port}");
     let result = async {
         let mut gw = gateway::start_gateway(gateway::Setup {
             binary: &binary,

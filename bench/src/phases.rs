@@ -31,6 +31,15 @@ impl<'a> Sides<'a> {
             Which::Floor => self.floor.expect("no floor proxy in this run"),
         }
     }
+
+    /// The sides that take turns, in the order of turn `i` (it rotates, so
+    /// no side always goes first).
+    fn turns(&self, i: usize) -> Vec<Which> {
+        let mut all = vec![Which::Direct, Which::Gateway];
+        all.extend(self.floor.map(|_| Which::Floor));
+        let n = all.len();
+        (0..n).map(|j| all[(i + j) % n]).collect()
+    }
 }
 
 pub struct Pair<T> {
@@ -43,7 +52,7 @@ impl<T> Pair<T> {
         match w {
             Which::Direct => &mut self.direct,
             Which::Gateway => &mut self.gateway,
-            Which::Floor => unreachable!("only the latency phase measures the floor"),
+            Which::Floor => unreachable!("the floor takes turns only in the latency and stream phases"),
         }
     }
 }
@@ -67,17 +76,6 @@ impl Hists {
             Which::Gateway => &mut self.gateway,
             Which::Floor => self.floor.as_mut().expect("no floor proxy in this run"),
         }
-    }
-}
-
-impl Sides<'_> {
-    /// The sides that take turns, in the order of turn `i` (it rotates, so
-    /// no side always goes first).
-    fn turns(&self, i: usize) -> Vec<Which> {
-        let mut all = vec![Which::Direct, Which::Gateway];
-        all.extend(self.floor.map(|_| Which::Floor));
-        let n = all.len();
-        (0..n).map(|j| all[(i + j) % n]).collect()
     }
 }
 

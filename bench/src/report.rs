@@ -117,6 +117,18 @@ fn floor_added(floor: Option<&Histogram<u64>>, d50: u64, d99: u64) -> String {
     floor.map_or("–".into(), |f| format!("{} / {}", added(q(f, 0.5), d50), added(q(f, 0.99), d99)))
 }
 
+/// A summary row for the floor proxy: direct's and its p50 / p99.
+fn floor_row(label: String, (d50, d99): (u64, u64), f: &Histogram<u64>) -> [String; 5] {
+    let (f50, f99) = (q(f, 0.5), q(f, 0.99));
+    [
+        label,
+        format!("{} / {}", ms(d50), ms(d99)),
+        format!("{} / {}", ms(f50), ms(f99)),
+        format!("{} / {}", added(f50, d50), added(f99, d99)),
+        ratio(f50, d50),
+    ]
+}
+
 fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
@@ -130,8 +142,7 @@ impl Report {
             rows.push([format!("latency p50, {}", r.case), ms(d50), ms(g50), added(g50, d50), ratio(g50, d50)]);
             rows.push([format!("latency p99, {}", r.case), ms(d99), ms(g99), added(g99, d99), ratio(g99, d99)]);
             if let Some(f) = &r.h.floor {
-                let (f50, f99) = (q(f, 0.5), q(f, 0.99));
-                rows.push([format!("floor (bare proxy hop) p50 / p99, {}", r.case), ms(d50) + " / " + &ms(d99), ms(f50) + " / " + &ms(f99), added(f50, d50) + " / " + &added(f99, d99), ratio(f50, d50)]);
+                rows.push(floor_row(format!("floor (bare proxy hop) p50 / p99, {}", r.case), (d50, d99), f));
             }
         }
         if let Some(best) = self.rates.iter().filter(|l| l.passes() && l.generator_ok()).max_by(|a, b| a.rate.total_cmp(&b.rate)) {
@@ -160,8 +171,7 @@ impl Report {
             rows.push([format!("time to first chunk p99, {api}"), ms(t99d), ms(t99g), added(t99g, t99d), ratio(t99g, t99d)]);
             rows.push([format!("inter-chunk gap p99, {api}"), ms(g99d), ms(g99g), added(g99g, g99d), ratio(g99g, g99d)]);
             if let Some(f) = &r.ttfc.floor {
-                let (f50, f99) = (q(f, 0.5), q(f, 0.99));
-                rows.push([format!("floor (bare proxy hop) TTFC p50 / p99, {api}"), ms(t50d) + " / " + &ms(t99d), ms(f50) + " / " + &ms(f99), added(f50, t50d) + " / " + &added(f99, t99d), ratio(f50, t50d)]);
+                rows.push(floor_row(format!("floor (bare proxy hop) TTFC p50 / p99, {api}"), (t50d, t99d), f));
             }
         }
         if !self.crowds.is_empty() {

@@ -135,7 +135,8 @@ pub async fn run(flusher: Arc<Mutex<Flusher>>, interval: Duration, stop: Cancell
             }
         }
         ::metrics::gauge!(metrics::FLUSH_LAG).set(last_ok.elapsed().as_secs_f64());
-        release_freed_memory();
+        // Off the runtime's threads: it walks the heap's free lists.
+        tokio::task::spawn_blocking(release_freed_memory);
     }
     if let Err(e) = flusher.lock().await.flush().await {
         tracing::error!(error = %e, "final flush failed; unflushed usage is lost");
@@ -147,7 +148,8 @@ pub async fn run(flusher: Arc<Mutex<Flusher>>, interval: Duration, stop: Cancell
 /// gateway would stay at its peak resident size while idle.
 fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns unused heap pages to the system.
+    // SAFETY: malloc_trim is thread-safe (it locks each arena) and only
+    // returns unused heap pages to the system.
     unsafe {
         libc::malloc_trim(0);
     }
