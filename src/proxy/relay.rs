@@ -5,10 +5,11 @@
 //! whatever the client does; a client that goes away cancels the upstream
 //! request by dropping it.
 
-use std::{future::Future, task::Poll, time::Instant};
+use std::time::Instant;
 
 use axum::http::StatusCode;
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
@@ -276,22 +277,21 @@ impl RelayJob {
                 None => {}
             }
         }
-        if run.outcome != Some(Outcome::Complete) {
-            // Dropping the response cancels the upstream request.
-            drop(upstream);
-            self.finish(run).await;
-            return;
-        }
+        // Dropping the response cancels the upstream request; a complete
+        // one is kept for the end of its body.
+        let rest = (run.outcome == Some(Outcome::Complete)).then_some(upstream);
         self.finish(run).await;
-        // The final chunk came; the body's end (the chunked terminator)
-        // usually follows in a write of its own. Read it, after the client
-        // has its answer, so the connection goes back to the pool: dropped
-        // unread, it would be closed, and the next request would open a new
-        // one (a TCP handshake with the upstream).
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
-            while let Ok(Some(_)) = upstream.chunk().await {}
-        })
-        .await;
+        if let Some(mut upstream) = rest {
+            // The body's end (the chunked terminator) usually follows the
+            // final chunk in a write of its own. Read it, after the client
+            // has its answer, so the connection goes back to the pool:
+            // dropped unread, it would be closed, and the next request would
+            // open a new one (a TCP handshake with the upstream).
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+                while let Ok(Some(_)) = upstream.chunk().await {}
+            })
+            .await;
+        }
     }
 
     fn client_gone(&self) -> bool {
@@ -521,14 +521,7 @@ impl RelayJob {
         // of anything this client's next request sends there; the yield lets
         // the connection write it out, so the store has it before the client
         // has its answer and another replica can ask.
-        let mut settled = None;
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(r) = settle.as_mut().poll(cx) {
-                settled = Some(r);
-            }
-            Poll::Ready(())
-        })
-        .await;
+        let settled = settle.as_mut().now_or_never();
         if settled.is_none() {
             tokio::task::yield_now().await;
         }

@@ -72,8 +72,9 @@ async fn the_next_request_finds_the_last_one_settled_in_redis() {
 #[tokio::test]
 async fn usage_events_insert_in_statements_on_postgres() {
     let cluster = Cluster::new().await;
-    cluster.db().await.migrate().await.unwrap();
-    crate::proxy::events_insert_in_statements_and_skip_repeats(&cluster.db().await).await;
+    let db = cluster.db().await;
+    db.migrate().await.unwrap();
+    crate::proxy::events_insert_in_statements_and_skip_repeats(&db).await;
 }
 
 #[tokio::test]

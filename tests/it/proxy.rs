@@ -164,15 +164,12 @@ async fn ollama_chat_streams_ndjson_and_assembles_non_stream() {
 async fn finished_completions_reuse_the_upstream_connection() {
     let app = TestApp::spawn().await;
     let (_, key) = app.key("k").await;
-    let mut ollama_whole = chat(MODEL, "hi");
-    ollama_whole["stream"] = json!(false);
-    let mut openai_stream = chat(MODEL, "hi");
-    openai_stream["stream"] = json!(true);
+    let messages = json!([{"role": "user", "content": "hi"}]);
     for (path, body) in [
-        ("/api/chat", chat(MODEL, "hi")),
-        ("/api/chat", ollama_whole),
-        ("/v1/chat/completions", openai_stream),
-        ("/v1/chat/completions", chat(MODEL, "hi")),
+        ("/api/chat", json!({"model": MODEL, "messages": messages})),
+        ("/api/chat", json!({"model": MODEL, "messages": messages, "stream": false})),
+        ("/v1/chat/completions", json!({"model": MODEL, "messages": messages, "stream": true})),
+        ("/v1/chat/completions", json!({"model": MODEL, "messages": messages})),
         ("/api/generate", json!({"model": MODEL, "prompt": "hi"})),
     ] {
         let resp = app.post(path, &key, body).send().await.unwrap();
