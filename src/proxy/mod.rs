@@ -7,7 +7,11 @@ pub mod openai;
 pub mod relay;
 pub mod upstream;
 
-use std::time::Instant;
+use std::{
+    future::Future,
+    pin::pin,
+    time::{Duration, Instant},
+};
 
 use axum::{
     body::Body,
@@ -18,6 +22,7 @@ use axum::{
     Json, Router,
 };
 use bytes::Bytes;
+use futures_util::future::{self, Either};
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -28,7 +33,7 @@ use crate::{
     config::FailureMode,
     metrics,
     error::{ApiError, Protocol},
-    quota::{buckets::local_display, Admission, Charge, QuotaStatus, Reservation, Window},
+    quota::{buckets::local_display, Admission, Charge, QuotaError, QuotaStatus, Reservation, Window},
     store::keys::KeyRecord,
     tokens, AppState,
 };
@@ -190,9 +195,33 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
     let (mut body, prompt_tokens) = count_prompt(dialect, parsed.body, bytes.len()).await;
     drop(bytes);
 
-    let admission = match state.quota.admit(&state.db, key.id, key.limits, prompt_tokens).await {
+    // The gateway always streams from the upstream, so it can meter and stop.
+    body.insert("stream".into(), Value::Bool(true));
+    if dialect == Dialect::OpenAiChat {
+        let opts = body.entry("stream_options").or_insert_with(|| json!({}));
+        if let Value::Object(o) = opts {
+            o.insert("include_usage".into(), Value::Bool(true));
+        }
+    }
+    let req = state.http.post(format!("{}{}", settings.ollama_url, dialect.route())).json(&body);
+    drop(body);
+    let open = state.config.quota_failure_mode == FailureMode::Open;
+    let admit = state.quota.admit(&state.db, key.id, key.limits, prompt_tokens);
+    let send = async {
+        let sent = Instant::now();
+        let upstream = upstream::send(req, state.config.upstream_timeout).await;
+        ::metrics::histogram!(metrics::UPSTREAM_TTFB, "route" => dialect.route()).record(sent.elapsed().as_secs_f64());
+        upstream
+    };
+    let goes_on = |a: &Result<Admission, QuotaError>| matches!(a, Ok(Admission::Granted(_))) || (open && a.is_err());
+    let ahead = state.quota.may_send_ahead(key.id, prompt_tokens);
+    let before_upstream = started.elapsed();
+    let (admission, upstream, admission_wait) = admit_and_send(admit, send, ahead, goes_on).await;
+    let overhead = before_upstream + admission_wait;
+
+    let admission = match admission {
         Ok(a) => a,
-        Err(e) if state.config.quota_failure_mode == FailureMode::Open => {
+        Err(e) if open => {
             tracing::warn!(error = %e, key_id = key.id, "quota store unavailable; serving unmetered (QUOTA_FAILURE_MODE=open)");
             Admission::Granted(state.quota.unenforced(key.id, key.limits, prompt_tokens))
         }
@@ -218,24 +247,11 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
             return Err(err);
         }
     };
-
-    // The gateway always streams from the upstream, so it can meter and stop.
-    body.insert("stream".into(), Value::Bool(true));
-    if dialect == Dialect::OpenAiChat {
-        let opts = body.entry("stream_options").or_insert_with(|| json!({}));
-        if let Value::Object(o) = opts {
-            o.insert("include_usage".into(), Value::Bool(true));
-        }
-    }
-    let req = state.http.post(format!("{}{}", settings.ollama_url, dialect.route())).json(&body);
+    let upstream = upstream.expect("a granted request went to the upstream");
     let fail = |r: &Reservation, status: StatusCode, refund: bool| {
         let outcome = if refund { "upstream_error" } else { "upstream_rejected" };
         state.events.record(meta.event(state.quota.now(), &r.resv.day, status.as_u16(), (0, 0), refund, outcome));
     };
-    let overhead = started.elapsed();
-    let sent = Instant::now();
-    let upstream = upstream::send(req, state.config.upstream_timeout).await;
-    ::metrics::histogram!(metrics::UPSTREAM_TTFB, "route" => dialect.route()).record(sent.elapsed().as_secs_f64());
     let upstream = match upstream {
         Ok(resp) => resp,
         Err(failure) => {
@@ -300,6 +316,41 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
         };
         resp.headers_mut().extend(extra);
         Ok(resp)
+    }
+}
+
+/// Runs the admission, and the upstream request once the admission lets
+/// it through (`goes_on`). With `ahead`, the upstream request starts at
+/// once, alongside the admission (one store round trip off the client's
+/// time), and is dropped, which cancels it, if the admission refuses:
+/// nothing of it reaches the client or the key's usage before the
+/// admission is in. Also returns how long the request waited on the
+/// admission alone.
+async fn admit_and_send<A: Future, U: Future>(
+    admit: A,
+    send: U,
+    ahead: bool,
+    goes_on: impl Fn(&A::Output) -> bool,
+) -> (A::Output, Option<U::Output>, Duration) {
+    let started = Instant::now();
+    if !ahead {
+        let admission = admit.await;
+        let waited = started.elapsed();
+        let upstream = if goes_on(&admission) { Some(send.await) } else { None };
+        return (admission, upstream, waited);
+    }
+    match future::select(pin!(admit), pin!(send)).await {
+        Either::Left((admission, send)) => {
+            let upstream = if goes_on(&admission) { Some(send.await) } else { None };
+            (admission, upstream, Duration::ZERO)
+        }
+        Either::Right((upstream, admit)) => {
+            let answered = Instant::now();
+            let admission = admit.await;
+            let waited = answered.elapsed();
+            let upstream = goes_on(&admission).then_some(upstream);
+            (admission, upstream, waited)
+        }
     }
 }
 

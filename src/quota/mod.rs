@@ -326,6 +326,17 @@ pub struct Quota {
     tz: Tz,
     lease_tokens: u64,
     ttl: Duration,
+    /// What this replica's last admission of each key left (see `Room`).
+    room: Arc<std::sync::Mutex<rustc_hash::FxHashMap<i64, Room>>>,
+}
+
+/// What a key had left after this replica last admitted it (`None`:
+/// unlimited). Only a hint, for sending a request to the upstream while
+/// its admission is still on the way; the admission alone decides.
+#[derive(Debug, Clone, Copy)]
+struct Room {
+    requests: Option<u64>,
+    tokens: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -338,7 +349,36 @@ pub enum QuotaError {
 
 impl Quota {
     pub fn new(store: Store, clock: Arc<dyn Clock>, tz: Tz, lease_tokens: u64, ttl: Duration) -> Self {
-        Quota { store, clock, tz, lease_tokens, ttl }
+        Quota { store, clock, tz, lease_tokens, ttl, room: Default::default() }
+    }
+
+    /// Whether a request of `prompt_tokens` may go to the upstream before
+    /// its admission has come back: only with a remote store (an admission
+    /// is a round trip), and only when this replica's last admission of
+    /// the key left room for another request of this size. A key that was
+    /// refused, is near a limit, or is new here is admitted first.
+    pub fn may_send_ahead(&self, key_id: i64, prompt_tokens: u64) -> bool {
+        if !matches!(self.store, Store::Redis(_)) {
+            return false;
+        }
+        let need = prompt_tokens + self.lease_tokens;
+        let room = self.room.lock().expect("room lock").get(&key_id).copied();
+        room.is_some_and(|r| r.requests.is_none_or(|n| n >= 1) && r.tokens.is_none_or(|t| t >= need))
+    }
+
+    /// Remembers what an admission left; a refusal or an error forgets it.
+    fn note_room(&self, key_id: i64, outcome: &Result<Admission, QuotaError>) {
+        let mut map = self.room.lock().expect("room lock");
+        match outcome {
+            Ok(Admission::Granted(r)) => {
+                let s = &r.status;
+                let room = Room { requests: s.requests_window().map(|w| w.remaining), tokens: s.tokens_window().map(|w| w.remaining) };
+                map.insert(key_id, room);
+            }
+            _ => {
+                map.remove(&key_id);
+            }
+        }
     }
 
     pub fn tz(&self) -> Tz {
@@ -381,6 +421,18 @@ impl Quota {
 
     /// Admit one request of `prompt_tokens` for a key, in one atomic step.
     pub async fn admit(
+        &self,
+        seeder: &impl Seeder,
+        key_id: i64,
+        limits: Limits,
+        prompt_tokens: u64,
+    ) -> Result<Admission, QuotaError> {
+        let outcome = self.admit_once(seeder, key_id, limits, prompt_tokens).await;
+        self.note_room(key_id, &outcome);
+        outcome
+    }
+
+    async fn admit_once(
         &self,
         seeder: &impl Seeder,
         key_id: i64,

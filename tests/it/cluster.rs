@@ -24,7 +24,7 @@ async fn replicas(cluster: &Cluster, n: usize) -> Vec<TestApp> {
     all
 }
 
-async fn settle_all(apps: &[TestApp]) {
+async fn settle_all(apps: &[&TestApp]) {
     for a in apps {
         a.settled().await;
     }
@@ -37,7 +37,7 @@ async fn three_replicas_enforce_one_key_exactly_and_the_stores_agree() {
     apps[0].mock.state.set_reply_tokens(40);
     let (id, key) = apps[0].create_key(json!({"name": "shared", "daily_token_limit": 3000, "daily_request_limit": 90})).await;
     let admitted = crate::common::mixed_clients(apps.iter().map(|a| a.proxy.clone()).collect(), &key, 64, 3).await;
-    settle_all(&apps).await;
+    settle_all(&apps.iter().collect::<Vec<_>>()).await;
     for a in apps.iter() {
         a.state.flush().await.expect("flush");
     }
@@ -126,6 +126,56 @@ async fn a_bucket_lost_in_redis_is_seeded_from_postgres() {
     assert_eq!(send().await, 429, "the two before the wipe were remembered");
 }
 
+/// A replica sends a request to the upstream while its admission is on
+/// the way only when its last admission of the key left room for it. If
+/// the key ran out on another replica meanwhile, the admission still
+/// decides: 429, the upstream request is cancelled, nothing is charged.
+#[tokio::test]
+async fn a_request_sent_ahead_of_its_admission_is_cancelled_when_refused() {
+    let cluster = Cluster::new().await;
+    let slow = TcpProxy::start(cluster.redis_url.trim_start_matches("redis://").trim_end_matches('/')).await;
+    let a = TestApp::spawn_with(cluster.options().env("REDIS_URL", &format!("redis://{}/", slow.addr))).await;
+    let b = TestApp::spawn_with(cluster.options().env("MIGRATE_ON_START", "false").env("OLLAMA_URL", &a.mock.url)).await;
+    let mock = &a.mock.state;
+    let body = json!({"model": MODEL, "stream": false, "messages": [{"role": "user", "content": "hi"}]});
+    let send = |app: &TestApp, key: &str| app.post("/api/chat", key, body.clone()).send();
+    let (id, key) = a.create_key(json!({"name": "k", "daily_request_limit": 3})).await;
+
+    assert_eq!(send(&a, &key).await.unwrap().status(), 200, "replica A: 2 requests left");
+    assert_eq!(send(&b, &key).await.unwrap().status(), 200);
+    assert_eq!(send(&b, &key).await.unwrap().status(), 200, "replica B took the last request");
+    settle_all(&[&a, &b]).await;
+    assert_eq!(mock.requests(), 3);
+    let periods = a.state.quota.periods();
+    let (before, _) = a.state.quota.store.usage(id, &periods.day, &periods.month).await.unwrap();
+
+    // Redis answers replica A slowly, and the upstream's stream takes long:
+    // the request reaches the upstream before the refusal reaches A.
+    slow.set_delay(Duration::from_millis(150));
+    mock.set_chunk_delay(Duration::from_millis(200));
+    let resp = send(&a, &key).await.unwrap();
+    assert_eq!(resp.status(), 429);
+    assert!(resp.json::<Value>().await.unwrap()["error"].as_str().unwrap().starts_with("daily request limit of 3 reached"));
+    assert_eq!(mock.requests(), 4, "replica A sent the request ahead of its admission");
+    mock.wait_for_cancelled(1).await;
+    settle_all(&[&a, &b]).await;
+    let (after, _) = a.state.quota.store.usage(id, &periods.day, &periods.month).await.unwrap();
+    assert_eq!(after, before, "the refused request charged nothing");
+
+    mock.set_chunk_delay(Duration::ZERO);
+    // After a refusal the key is admitted first again.
+    assert_eq!(send(&a, &key).await.unwrap().status(), 429);
+    assert_eq!(mock.requests(), 4, "a refused key is admitted before the upstream sees a request");
+
+    // So is a key the replica has not admitted before.
+    let (_, other) = a.create_key(json!({"name": "other", "daily_request_limit": 1})).await;
+    assert_eq!(send(&b, &other).await.unwrap().status(), 200);
+    assert_eq!(send(&a, &other).await.unwrap().status(), 429);
+    assert_eq!(mock.requests(), 5, "a key new to the replica is admitted before the upstream sees a request");
+    mock.wait_for_completed(4).await;
+    assert_eq!(mock.cancelled_streams(), 1);
+}
+
 #[tokio::test]
 async fn redis_down_means_503_in_bounded_time_and_recovery_without_restart() {
     let cluster = Cluster::new().await;
@@ -133,6 +183,9 @@ async fn redis_down_means_503_in_bounded_time_and_recovery_without_restart() {
     let app = TestApp::spawn_with(cluster.options().env("REDIS_URL", &format!("redis://{}/", redis.addr))).await;
     let (_, key) = app.key("k").await;
     assert_eq!(app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap().status(), 200);
+    // The next request may go to the upstream ahead of its admission (the
+    // key had room); a long stream shows that it is cancelled, not served.
+    app.mock.state.set_chunk_delay(Duration::from_millis(200));
     redis.cut();
     let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
     let resp = client.post(format!("{}/v1/chat/completions", app.proxy)).bearer_auth(&key).json(&chat(MODEL, "hi")).send().await.expect("answered, not hung");
@@ -145,7 +198,11 @@ async fn redis_down_means_503_in_bounded_time_and_recovery_without_restart() {
     assert_eq!(resp.json::<Value>().await.unwrap(), json!({"error": "quota store unavailable, try again shortly"}));
     let ready = app.http.get(format!("{}/readyz", app.proxy)).send().await.unwrap();
     assert_eq!(ready.status(), 503);
-    assert_eq!(app.mock.state.requests(), 1, "nothing reached the upstream unmetered");
+    let mock = &app.mock.state;
+    mock.wait_until("every upstream request ended", |m| m.completed_streams() + m.cancelled_streams() == m.requests()).await;
+    assert_eq!(mock.completed_streams(), 1, "nothing was served unmetered");
+    assert!(mock.requests() <= 2, "only the request sent ahead reached the upstream, then the key was admitted first");
+    mock.set_chunk_delay(Duration::ZERO);
     redis.restore();
     assert_eq!(app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap().status(), 200);
 }
@@ -182,7 +239,7 @@ async fn postgres_down_keeps_cached_keys_serving_and_loses_no_usage() {
     for _ in 0..3 {
         assert_eq!(app.post("/api/generate", &key, body.clone()).send().await.unwrap().status(), 200, "a cached key keeps working");
     }
-    settle_all(std::slice::from_ref(&app)).await;
+    settle_all(&[&app]).await;
     assert!(app.state.flush().await.is_err(), "the flush cannot reach PostgreSQL");
     pg.restore();
     let mut flushed = false;

@@ -264,7 +264,25 @@ impl Drop for RedisKeys {
 pub struct TcpProxy {
     pub addr: std::net::SocketAddr,
     up: Arc<std::sync::atomic::AtomicBool>,
+    /// Milliseconds each piece of data waits before it is passed on.
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
     conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+/// Copies `from` to `to`, holding each read back by the proxy's delay.
+async fn pipe(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, delay_ms: Arc<std::sync::atomic::AtomicU64>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buf).await {
+        let delay = delay_ms.load(std::sync::atomic::Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 impl TcpProxy {
@@ -272,24 +290,34 @@ impl TcpProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().unwrap();
         let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let conns = Arc::new(std::sync::Mutex::new(Vec::<tokio::task::AbortHandle>::new()));
-        let (up2, conns2, target) = (up.clone(), conns.clone(), target.to_string());
+        let (up2, delay2, conns2, target) = (up.clone(), delay_ms.clone(), conns.clone(), target.to_string());
         tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 if !up2.load(std::sync::atomic::Ordering::SeqCst) {
                     drop(inbound);
                     continue;
                 }
-                let target = target.clone();
+                let (target, delay) = (target.clone(), delay2.clone());
                 let task = tokio::spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    if let Ok(outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = inbound.set_nodelay(true);
+                        let _ = outbound.set_nodelay(true);
+                        let ((in_r, in_w), (out_r, out_w)) = (inbound.into_split(), outbound.into_split());
+                        tokio::join!(pipe(in_r, out_w, delay.clone()), pipe(out_r, in_w, delay));
                     }
                 });
                 conns2.lock().unwrap().push(task.abort_handle());
             }
         });
-        TcpProxy { addr, up, conns }
+        TcpProxy { addr, up, delay_ms, conns }
+    }
+
+    /// Hold every piece of data back this long in each direction (a slow
+    /// network), from now on.
+    pub fn set_delay(&self, d: std::time::Duration) {
+        self.delay_ms.store(d.as_millis() as u64, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Refuse new connections and break the open ones.
