@@ -355,15 +355,23 @@ impl Quota {
     /// Whether a request of `prompt_tokens` may go to the upstream before
     /// its admission has come back: only with a remote store (an admission
     /// is a round trip), and only when this replica's last admission of
-    /// the key left room for another request of this size. A key that was
-    /// refused, is near a limit, or is new here is admitted first.
+    /// the key left room for another request of this size, which it then
+    /// counts as taken until the next admission of the key reports afresh.
+    /// A key that was refused, is near a limit, or is new here is admitted
+    /// first.
     pub fn may_send_ahead(&self, key_id: i64, prompt_tokens: u64) -> bool {
         if !matches!(self.store, Store::Redis(_)) {
             return false;
         }
         let need = prompt_tokens + self.lease_tokens;
-        let room = self.room.lock().expect("room lock").get(&key_id).copied();
-        room.is_some_and(|r| r.requests.is_none_or(|n| n >= 1) && r.tokens.is_none_or(|t| t >= need))
+        let mut map = self.room.lock().expect("room lock");
+        let Some(r) = map.get_mut(&key_id) else { return false };
+        if r.requests.is_some_and(|n| n < 1) || r.tokens.is_some_and(|t| t < need) {
+            return false;
+        }
+        r.requests = r.requests.map(|n| n - 1);
+        r.tokens = r.tokens.map(|t| t - need);
+        true
     }
 
     /// Remembers what an admission left; a refusal or an error forgets it.

@@ -176,6 +176,35 @@ async fn a_request_sent_ahead_of_its_admission_is_cancelled_when_refused() {
     assert_eq!(mock.cancelled_streams(), 1);
 }
 
+/// What a replica sends ahead counts against what the key's last admission
+/// left, so a burst cannot send more ahead than the key had room for.
+#[tokio::test]
+async fn sending_ahead_takes_from_what_the_last_admission_left() {
+    let cluster = Cluster::new().await;
+    let app = TestApp::spawn_with(cluster.options().env("LEASE_TOKENS", "8")).await;
+    let body = json!({"model": MODEL, "stream": false, "messages": [{"role": "user", "content": "hi"}]});
+    let remaining = |resp: &reqwest::Response, kind: &str| -> u64 {
+        resp.headers()[format!("x-ratelimit-remaining-{kind}").as_str()].to_str().unwrap().parse().unwrap()
+    };
+    let quota = &app.state.quota;
+
+    let (by_requests, key) = app.create_key(json!({"name": "r", "daily_request_limit": 3})).await;
+    assert!(!quota.may_send_ahead(by_requests, 0), "a key new to the replica is admitted first");
+    let resp = app.post("/api/chat", &key, body.clone()).send().await.unwrap();
+    assert_eq!(remaining(&resp, "requests"), 2);
+    assert!(quota.may_send_ahead(by_requests, 0));
+    assert!(quota.may_send_ahead(by_requests, 0));
+    assert!(!quota.may_send_ahead(by_requests, 0), "only two requests were left");
+
+    let (by_tokens, key) = app.create_key(json!({"name": "t", "daily_token_limit": 10_000})).await;
+    let resp = app.post("/api/chat", &key, body.clone()).send().await.unwrap();
+    let left = remaining(&resp, "tokens");
+    assert!(left > 1000, "{left}");
+    assert!(!quota.may_send_ahead(by_tokens, left - 7), "the prompt and one lease (8) must fit");
+    assert!(quota.may_send_ahead(by_tokens, left - 8));
+    assert!(!quota.may_send_ahead(by_tokens, 0), "nothing was left for another lease");
+}
+
 #[tokio::test]
 async fn redis_down_means_503_in_bounded_time_and_recovery_without_restart() {
     let cluster = Cluster::new().await;
