@@ -22,8 +22,8 @@ use axum::{
     Json, Router,
 };
 use bytes::Bytes;
-use futures_util::future::{self, Either};
 use chrono::{DateTime, Utc};
+use futures_util::future::{self, Either};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;

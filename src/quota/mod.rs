@@ -376,6 +376,9 @@ impl Quota {
 
     /// Remembers what an admission left; a refusal or an error forgets it.
     fn note_room(&self, key_id: i64, outcome: &Result<Admission, QuotaError>) {
+        if !matches!(self.store, Store::Redis(_)) {
+            return;
+        }
         let mut map = self.room.lock().expect("room lock");
         match outcome {
             Ok(Admission::Granted(r)) => {

@@ -156,7 +156,9 @@ async fn a_request_sent_ahead_of_its_admission_is_cancelled_when_refused() {
     let resp = send(&a, &key).await.unwrap();
     assert_eq!(resp.status(), 429);
     assert!(resp.json::<Value>().await.unwrap()["error"].as_str().unwrap().starts_with("daily request limit of 3 reached"));
-    assert_eq!(mock.requests(), 4, "replica A sent the request ahead of its admission");
+    // (It was written before the refusal came back; the mock counts it once
+    // it has read it.)
+    mock.wait_until("the request replica A sent ahead of its admission", |m| m.requests() == 4).await;
     mock.wait_for_cancelled(1).await;
     settle_all(&[&a, &b]).await;
     let (after, _) = a.state.quota.store.usage(id, &periods.day, &periods.month).await.unwrap();
