@@ -103,7 +103,7 @@ impl Inner {
     }
 
     fn lock_err() -> StoreError {
-        StoreError("in-process quota store poisoned".into())
+        StoreError::new("in-process quota store poisoned")
     }
 }
 

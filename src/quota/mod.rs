@@ -153,8 +153,19 @@ pub struct Charge {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("quota store unavailable: {0}")]
-pub struct StoreError(pub String);
+#[error("quota store unavailable: {message}")]
+pub struct StoreError {
+    pub message: String,
+    /// No answer within the store's timeout: the store is slow, or this
+    /// replica too busy to read the answer in time.
+    pub timed_out: bool,
+}
+
+impl StoreError {
+    pub fn new(message: impl Into<String>) -> Self {
+        StoreError { message: message.into(), timed_out: false }
+    }
+}
 
 /// The hot quota state. Every method is one atomic step.
 pub trait QuotaStore: Send + Sync + 'static {
@@ -347,6 +358,13 @@ pub enum QuotaError {
     Seed(anyhow::Error),
 }
 
+impl QuotaError {
+    /// The store did not answer within its timeout.
+    pub fn timed_out(&self) -> bool {
+        matches!(self, QuotaError::Store(e) if e.timed_out)
+    }
+}
+
 impl Quota {
     pub fn new(store: Store, clock: Arc<dyn Clock>, tz: Tz, lease_tokens: u64, ttl: Duration) -> Self {
         Quota { store, clock, tz, lease_tokens, ttl, room: Default::default() }
@@ -489,7 +507,7 @@ impl Quota {
                 Admit::Missing(missing) => self.seed_missing(seeder, &missing).await?,
             }
         }
-        Err(QuotaError::Store(StoreError("buckets kept disappearing during admission".into())))
+        Err(QuotaError::Store(StoreError::new("buckets kept disappearing during admission")))
     }
 
     /// Grow a reservation by at least `need` tokens (a whole lease when the
@@ -545,6 +563,6 @@ impl Quota {
                 }
             }
         }
-        Err(QuotaError::Store(StoreError("buckets kept disappearing".into())))
+        Err(QuotaError::Store(StoreError::new("buckets kept disappearing")))
     }
 }

@@ -42,7 +42,7 @@ pub struct RedisStore {
 }
 
 fn err(e: impl std::fmt::Display) -> StoreError {
-    StoreError(format!("redis: {e}"))
+    StoreError::new(format!("redis: {e}"))
 }
 
 fn limit_arg(l: Option<u64>) -> i64 {
@@ -107,7 +107,14 @@ impl RedisStore {
         if let Some(c) = self.conn.read().map_err(err)?.as_ref() {
             return Ok(c.clone());
         }
-        let pooled = self.pool.get().await.map_err(err)?;
+        let pooled = self.pool.get().await.map_err(|e| {
+            let timed_out = match &e {
+                deadpool_redis::PoolError::Timeout(_) => true,
+                deadpool_redis::PoolError::Backend(b) => b.is_timeout(),
+                _ => false,
+            };
+            StoreError { timed_out, ..err(e) }
+        })?;
         let c = deadpool_redis::Connection::take(pooled);
         *self.conn.write().map_err(err)? = Some(c.clone());
         Ok(c)
@@ -126,7 +133,7 @@ impl RedisStore {
                 Ok(v) => Ok(v),
                 Err(e) if e.is_timeout() => {
                     self.reset();
-                    Err(err(format!("no answer within {:?}", self.timeout)))
+                    Err(StoreError { timed_out: true, ..err(format!("no answer within {:?}", self.timeout)) })
                 }
                 Err(e) => {
                     if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {

@@ -238,6 +238,32 @@ async fn redis_down_means_503_in_bounded_time_and_recovery_without_restart() {
     assert_eq!(app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap().status(), 200);
 }
 
+/// A store that answers too late (or a replica too busy to read the answer
+/// in time) is a 503 of its own, not "unavailable".
+#[tokio::test]
+async fn a_quota_store_that_answers_too_late_gets_a_503_that_says_so() {
+    let cluster = Cluster::new().await;
+    let redis = TcpProxy::start(cluster.redis_url.trim_start_matches("redis://").trim_end_matches('/')).await;
+    let app = TestApp::spawn_with(
+        cluster.options().env("REDIS_URL", &format!("redis://{}/", redis.addr)).env("REDIS_TIMEOUT", "200ms"),
+    )
+    .await;
+    let (_, key) = app.key("k").await;
+    redis.set_delay(Duration::from_millis(500));
+    let resp = app.post("/v1/chat/completions", &key, chat(MODEL, "hi")).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "api_error");
+    assert_eq!(v["error"]["message"], "quota store did not answer in time, try again shortly");
+    // the next call opens a new connection, which is just as slow
+    let resp = app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.json::<Value>().await.unwrap(), json!({"error": "quota store did not answer in time, try again shortly"}));
+    assert_eq!(app.mock.state.requests(), 0);
+    redis.set_delay(Duration::ZERO);
+    assert_eq!(app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap().status(), 200);
+}
+
 #[tokio::test]
 async fn quota_failure_mode_open_serves_unmetered_while_redis_is_down() {
     let cluster = Cluster::new().await;
