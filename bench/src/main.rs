@@ -173,10 +173,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let machine = sys::machine_info();
+    let mut machine = sys::machine_info();
     let nofile = sys::raise_nofile();
     // The gateway gets CPU 1 to itself; the load generator and the mock share CPU 0.
     let pinned = machine.cpus >= 2 && sys::pin_current_to(0).is_ok();
+    if pinned {
+        machine.hop = sys::measure_hop();
+    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     match rt.block_on(run(args, machine, nofile, pinned)) {
         Ok(()) => ExitCode::SUCCESS,

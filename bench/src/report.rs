@@ -34,6 +34,7 @@ impl Default for Header {
                 date: String::new(),
                 busy_before: Vec::new(),
                 loadavg_before: String::new(),
+                hop: None,
             },
             nofile: 0,
             pinned: false,
@@ -227,6 +228,14 @@ impl Report {
         );
         let _ = writeln!(o, "- date: {}; gateway revision {}; run took {:.0} s", m.date, h.revision, h.duration.as_secs_f64());
         let _ = writeln!(o, "- machine: {} CPUs ({}), {} RAM, Linux {}", m.cpus, m.cpu_model, m.mem_total, m.kernel);
+        if let Some(hop) = &m.hop {
+            let _ = writeln!(
+                o,
+                "- one hop between CPU 0 and CPU 1 (a byte there and back over a socket pair, median): {:.0} µs back to back, {:.0} µs after 1 ms idle; every hop between the gateway and the other processes pays it",
+                hop.busy.as_secs_f64() * 1e6,
+                hop.idle.as_secs_f64() * 1e6
+            );
+        }
         let _ = writeln!(
             o,
             "- placement: {}; open-files limit {}{}",

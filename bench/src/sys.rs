@@ -178,6 +178,53 @@ pub struct MachineInfo {
     /// Busy share per CPU in the second before the measurements (set by `run`).
     pub busy_before: Vec<f64>,
     pub loadavg_before: String,
+    /// What one hop between CPU 0 and CPU 1 costs (set by `main` when pinned).
+    pub hop: Option<Hop>,
+}
+
+/// Round trips of one byte between a thread on CPU 0 and one on CPU 1
+/// over a socket pair: the cost of handing work to the other CPU, which
+/// every hop between the gateway and the mock, Redis or the client pays.
+pub struct Hop {
+    /// Median round trip, one right after the other.
+    pub busy: Duration,
+    /// Median round trip after 1 ms of nothing to do (an idle CPU may be
+    /// halted, and on a virtual machine waking it costs more).
+    pub idle: Duration,
+}
+
+/// Measures `Hop` (about half a second); `None` if a thread cannot be pinned.
+pub fn measure_hop() -> Option<Hop> {
+    use std::io::{Read, Write};
+    let (mut near, mut far) = std::os::unix::net::UnixStream::pair().ok()?;
+    pin_current_to(0).ok()?;
+    let echo = std::thread::spawn(move || {
+        pin_current_to(1)?;
+        let mut b = [0u8; 1];
+        while far.read(&mut b)? == 1 {
+            far.write_all(&b)?;
+        }
+        Ok::<(), std::io::Error>(())
+    });
+    let mut round = |gap: Duration, n: usize| -> Option<Duration> {
+        let mut times = Vec::with_capacity(n);
+        let mut b = [0u8; 1];
+        for _ in 0..n {
+            if !gap.is_zero() {
+                std::thread::sleep(gap);
+            }
+            let t = std::time::Instant::now();
+            near.write_all(&b).ok()?;
+            near.read_exact(&mut b).ok()?;
+            times.push(t.elapsed());
+        }
+        times.sort();
+        Some(times[n / 2])
+    };
+    let hop = round(Duration::ZERO, 2000).zip(round(Duration::from_millis(1), 300)).map(|(busy, idle)| Hop { busy, idle });
+    drop(near);
+    let pinned = echo.join().ok().is_some_and(|r| r.is_ok());
+    hop.filter(|_| pinned)
 }
 
 pub fn machine_info() -> MachineInfo {
@@ -201,5 +248,6 @@ pub fn machine_info() -> MachineInfo {
         date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
         busy_before: Vec::new(),
         loadavg_before: String::new(),
+        hop: None,
     }
 }
