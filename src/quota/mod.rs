@@ -484,7 +484,16 @@ impl Quota {
         // A bucket can go missing again between seeding and admission (expiry,
         // a Redis restart); a few rounds settle it.
         for _ in 0..3 {
-            match self.store.admit(&req).await? {
+            let admitted = match self.store.admit(&req).await {
+                Ok(a) => a,
+                Err(e) => {
+                    if e.timed_out {
+                        self.give_back_late(&req);
+                    }
+                    return Err(e.into());
+                }
+            };
+            match admitted {
                 Admit::Granted { held, day, month } => {
                     return Ok(Admission::Granted(Reservation {
                         resv: ReservationRef { key_id, id: req.reservation_id, day: req.day, month: req.month },
@@ -508,6 +517,30 @@ impl Quota {
             }
         }
         Err(QuotaError::Store(StoreError::new("buckets kept disappearing during admission")))
+    }
+
+    /// An admission that found no answer in time may still run in the
+    /// store once its command gets there, and its reservation would lapse
+    /// and be charged what it held although the client had a 503. Settle it
+    /// as refunded in the background, a few times until the store answers.
+    /// The admission's command went out first, on the connection the
+    /// timeout dropped, so it is normally there before this settle; one
+    /// that arrives even later is not given back.
+    fn give_back_late(&self, req: &AdmitRequest) {
+        let store = self.store.clone();
+        let resv = ReservationRef { key_id: req.key_id, id: req.reservation_id.clone(), day: req.day.clone(), month: req.month.clone() };
+        let charge = Charge { prompt_tokens: 0, completion_tokens: 0, refund_request: true };
+        tokio::spawn(async move {
+            let mut pause = Duration::from_millis(200);
+            for _ in 0..6 {
+                if store.settle(&resv, charge).await.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            tracing::warn!(key_id = resv.key_id, "a timed-out admission could not be given back; if it ran, it lapses and is charged");
+        });
     }
 
     /// Grow a reservation by at least `need` tokens (a whole lease when the

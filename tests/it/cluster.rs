@@ -248,7 +248,7 @@ async fn a_quota_store_that_answers_too_late_gets_a_503_that_says_so() {
         cluster.options().env("REDIS_URL", &format!("redis://{}/", redis.addr)).env("REDIS_TIMEOUT", "200ms"),
     )
     .await;
-    let (_, key) = app.key("k").await;
+    let (id, key) = app.key("k").await;
     redis.set_delay(Duration::from_millis(500));
     let resp = app.post("/v1/chat/completions", &key, chat(MODEL, "hi")).send().await.unwrap();
     assert_eq!(resp.status(), 503);
@@ -260,7 +260,35 @@ async fn a_quota_store_that_answers_too_late_gets_a_503_that_says_so() {
     assert_eq!(resp.status(), 503);
     assert_eq!(resp.json::<Value>().await.unwrap(), json!({"error": "quota store did not answer in time, try again shortly"}));
     assert_eq!(app.mock.state.requests(), 0);
+
+    // The first admission's command still reaches Redis, late, and runs
+    // there; the gateway gives it back: the 503 costs nothing.
+    let day = format!("{}:{{{id}}}:d:{}", cluster.prefix, app.state.quota.periods().day);
+    let client = redis::Client::open(cluster.redis_url.clone()).unwrap();
+    let c = client.get_multiplexed_async_connection().await.unwrap();
+    let bucket = || {
+        let mut c = c.clone();
+        let day = day.clone();
+        async move {
+            let v: Vec<Option<u64>> = redis::cmd("HMGET").arg(&day).arg("req").arg("ref").arg("pt").arg("ct").arg("rsv").query_async(&mut c).await.unwrap();
+            v.into_iter().map(Option::unwrap_or_default).collect::<Vec<u64>>()
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while bucket().await[0] == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the late admission never reached Redis");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     redis.set_delay(Duration::ZERO);
+    loop {
+        let b = bucket().await;
+        if b[1] == b[0] && b[4] == 0 {
+            assert_eq!((b[0], b[2], b[3]), (1, 0, 0), "one late admission, given back, no tokens");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the late admission was not given back: {b:?} (req, ref, pt, ct, rsv)");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap().status(), 200);
 }
 
