@@ -74,6 +74,17 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
     }
 
+    /// 503 for a failed quota store call. One that found no answer in time
+    /// says so: under overload it is often this replica, not the store, that
+    /// is slow, and "unavailable" would send an operator to the wrong place.
+    pub fn quota_store(e: crate::quota::QuotaError) -> Self {
+        if e.timed_out() {
+            tracing::error!(error = %e, "the quota store did not answer in time");
+            return Self::unavailable("quota store did not answer in time, try again shortly");
+        }
+        Self::dependency("quota store", e)
+    }
+
     /// A dependency (database, quota store) is down: 503, cause logged.
     pub fn dependency(what: &str, cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, dependency = what, "dependency unavailable");

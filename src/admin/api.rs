@@ -172,7 +172,7 @@ pub fn key_json(k: &KeyRecord, s: &QuotaStatus) -> Value {
 }
 
 pub(crate) async fn key_with_usage(state: &AppState, k: &KeyRecord) -> Result<Value, ApiError> {
-    let status = state.quota.status_of(&state.db, k.id, k.limits).await.map_err(|e| ApiError::dependency("quota store", e))?;
+    let status = state.quota.status_of(&state.db, k.id, k.limits).await.map_err(ApiError::quota_store)?;
     Ok(key_json(k, &status))
 }
 

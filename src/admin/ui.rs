@@ -1067,7 +1067,7 @@ fn model_chart(models: &[ModelUsage]) -> ModelChart {
 async fn live_today(app: &AppState, keys: &[KeyRecord], key: Option<i64>) -> Result<DayUsage, UiError> {
     let mut today = DayUsage { day: app.quota.periods().day, ..DayUsage::default() };
     for k in keys.iter().filter(|k| key.is_none_or(|id| id == k.id)) {
-        let s = app.quota.status_of(&app.db, k.id, k.limits).await.map_err(|e| ApiError::dependency("quota store", e))?;
+        let s = app.quota.status_of(&app.db, k.id, k.limits).await.map_err(ApiError::quota_store)?;
         today.requests += s.day.net_requests();
         today.prompt_tokens += s.day.prompt_tokens;
         today.completion_tokens += s.day.completion_tokens;

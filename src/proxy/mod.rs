@@ -225,7 +225,7 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
             tracing::warn!(error = %e, key_id = key.id, "quota store unavailable; serving unmetered (QUOTA_FAILURE_MODE=open)");
             Admission::Granted(state.quota.unenforced(key.id, key.limits, prompt_tokens))
         }
-        Err(e) => return Err(quota_store_error(e)),
+        Err(e) => return Err(ApiError::quota_store(e)),
     };
     let reservation = match admission {
         Admission::Granted(r) => r,
@@ -354,17 +354,6 @@ async fn admit_and_send<A: Future, U: Future>(
     }
 }
 
-/// 503 for a failed quota store call. One that found no answer in time
-/// says so: under overload it is often this replica, not the store, that
-/// is slow, and "unavailable" would send an operator to the wrong place.
-fn quota_store_error(e: QuotaError) -> ApiError {
-    if e.timed_out() {
-        tracing::error!(error = %e, "the quota store did not answer in time");
-        return ApiError::unavailable("quota store did not answer in time, try again shortly");
-    }
-    ApiError::dependency("quota store", e)
-}
-
 async fn settle_refund(state: &AppState, r: &Reservation, refund: bool) {
     let charge = Charge { prompt_tokens: 0, completion_tokens: 0, refund_request: refund };
     if let Err(e) = state.quota.settle(r, charge).await {
@@ -440,7 +429,7 @@ async fn quota_report(state: &AppState, headers: &HeaderMap) -> Result<Response,
         .quota
         .status_of(&state.db, key.id, key.limits)
         .await
-        .map_err(quota_store_error)?;
+        .map_err(ApiError::quota_store)?;
     let mut resp = Json(quota_json(&key, &status, state.quota.tz())).into_response();
     rate_limit_headers(resp.headers_mut(), &status, state.quota.now());
     Ok(resp)

@@ -224,6 +224,13 @@ macro_rules! dispatch {
     };
 }
 
+impl Store {
+    /// Every call is a network round trip (Redis), not a map lookup.
+    pub fn is_remote(&self) -> bool {
+        matches!(self, Store::Redis(_))
+    }
+}
+
 impl QuotaStore for Store {
     async fn admit(&self, req: &AdmitRequest) -> Result<Admit, StoreError> {
         dispatch!(self, s => s.admit(req).await)
@@ -378,7 +385,7 @@ impl Quota {
     /// A key that was refused, is near a limit, or is new here is admitted
     /// first.
     pub fn may_send_ahead(&self, key_id: i64, prompt_tokens: u64) -> bool {
-        if !matches!(self.store, Store::Redis(_)) {
+        if !self.store.is_remote() {
             return false;
         }
         let need = prompt_tokens + self.lease_tokens;
@@ -394,7 +401,7 @@ impl Quota {
 
     /// Remembers what an admission left; a refusal or an error forgets it.
     fn note_room(&self, key_id: i64, outcome: &Result<Admission, QuotaError>) {
-        if !matches!(self.store, Store::Redis(_)) {
+        if !self.store.is_remote() {
             return;
         }
         let mut map = self.room.lock().expect("room lock");

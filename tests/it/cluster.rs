@@ -7,7 +7,7 @@ use std::time::Duration;
 use llm_quota::quota::{BucketRef, QuotaStore};
 use serde_json::{json, Value};
 
-use crate::common::{chat, Cluster, TcpProxy, TestApp};
+use crate::common::{chat, Cluster, Options, TcpProxy, TestApp};
 
 const MODEL: &str = "llama3.2:latest";
 
@@ -22,6 +22,14 @@ async fn replicas(cluster: &Cluster, n: usize) -> Vec<TestApp> {
         all.push(TestApp::spawn_with(opts).await);
     }
     all
+}
+
+/// A replica whose Redis connection runs through a `TcpProxy`, to cut it
+/// or slow it down; `opts` adds to the replica's options.
+async fn behind_redis_proxy(cluster: &Cluster, opts: impl FnOnce(Options) -> Options) -> (TcpProxy, TestApp) {
+    let redis = TcpProxy::start(cluster.redis_url.trim_start_matches("redis://").trim_end_matches('/')).await;
+    let app = TestApp::spawn_with(opts(cluster.options().env("REDIS_URL", &format!("redis://{}/", redis.addr)))).await;
+    (redis, app)
 }
 
 async fn settle_all(apps: &[&TestApp]) {
@@ -133,8 +141,7 @@ async fn a_bucket_lost_in_redis_is_seeded_from_postgres() {
 #[tokio::test]
 async fn a_request_sent_ahead_of_its_admission_is_cancelled_when_refused() {
     let cluster = Cluster::new().await;
-    let slow = TcpProxy::start(cluster.redis_url.trim_start_matches("redis://").trim_end_matches('/')).await;
-    let a = TestApp::spawn_with(cluster.options().env("REDIS_URL", &format!("redis://{}/", slow.addr))).await;
+    let (slow, a) = behind_redis_proxy(&cluster, |o| o).await;
     let b = TestApp::spawn_with(cluster.options().env("MIGRATE_ON_START", "false").env("OLLAMA_URL", &a.mock.url)).await;
     let mock = &a.mock.state;
     let body = json!({"model": MODEL, "stream": false, "messages": [{"role": "user", "content": "hi"}]});
@@ -210,8 +217,7 @@ async fn sending_ahead_takes_from_what_the_last_admission_left() {
 #[tokio::test]
 async fn redis_down_means_503_in_bounded_time_and_recovery_without_restart() {
     let cluster = Cluster::new().await;
-    let redis = TcpProxy::start(cluster.redis_url.trim_start_matches("redis://").trim_end_matches('/')).await;
-    let app = TestApp::spawn_with(cluster.options().env("REDIS_URL", &format!("redis://{}/", redis.addr))).await;
+    let (redis, app) = behind_redis_proxy(&cluster, |o| o).await;
     let (_, key) = app.key("k").await;
     assert_eq!(app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap().status(), 200);
     // The next request may go to the upstream ahead of its admission (the
@@ -243,11 +249,7 @@ async fn redis_down_means_503_in_bounded_time_and_recovery_without_restart() {
 #[tokio::test]
 async fn a_quota_store_that_answers_too_late_gets_a_503_that_says_so() {
     let cluster = Cluster::new().await;
-    let redis = TcpProxy::start(cluster.redis_url.trim_start_matches("redis://").trim_end_matches('/')).await;
-    let app = TestApp::spawn_with(
-        cluster.options().env("REDIS_URL", &format!("redis://{}/", redis.addr)).env("REDIS_TIMEOUT", "200ms"),
-    )
-    .await;
+    let (redis, app) = behind_redis_proxy(&cluster, |o| o.env("REDIS_TIMEOUT", "200ms")).await;
     let (id, key) = app.key("k").await;
     redis.set_delay(Duration::from_millis(500));
     let resp = app.post("/v1/chat/completions", &key, chat(MODEL, "hi")).send().await.unwrap();
@@ -263,30 +265,25 @@ async fn a_quota_store_that_answers_too_late_gets_a_503_that_says_so() {
 
     // The first admission's command still reaches Redis, late, and runs
     // there; the gateway gives it back: the 503 costs nothing.
-    let day = format!("{}:{{{id}}}:d:{}", cluster.prefix, app.state.quota.periods().day);
-    let client = redis::Client::open(cluster.redis_url.clone()).unwrap();
-    let c = client.get_multiplexed_async_connection().await.unwrap();
-    let bucket = || {
-        let mut c = c.clone();
-        let day = day.clone();
-        async move {
-            let v: Vec<Option<u64>> = redis::cmd("HMGET").arg(&day).arg("req").arg("ref").arg("pt").arg("ct").arg("rsv").query_async(&mut c).await.unwrap();
-            v.into_iter().map(Option::unwrap_or_default).collect::<Vec<u64>>()
-        }
-    };
+    // Read straight from Redis, past the slowed-down connection.
+    let direct = llm_quota::quota::redis::RedisStore::connect(&cluster.redis_url, &cluster.prefix, Duration::from_secs(2), Duration::from_secs(60))
+        .await
+        .unwrap();
+    let periods = app.state.quota.periods();
+    let day = || async { direct.usage(id, &periods.day, &periods.month).await.unwrap().0.unwrap_or_default() };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while bucket().await[0] == 0 {
+    while day().await.requests == 0 {
         assert!(tokio::time::Instant::now() < deadline, "the late admission never reached Redis");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     redis.set_delay(Duration::ZERO);
     loop {
-        let b = bucket().await;
-        if b[1] == b[0] && b[4] == 0 {
-            assert_eq!((b[0], b[2], b[3]), (1, 0, 0), "one late admission, given back, no tokens");
+        let d = day().await;
+        if d.net_requests() == 0 && d.reserved == 0 {
+            assert_eq!((d.requests, d.tokens()), (1, 0), "one late admission, given back, no tokens");
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the late admission was not given back: {b:?} (req, ref, pt, ct, rsv)");
+        assert!(tokio::time::Instant::now() < deadline, "the late admission was not given back: {d:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap().status(), 200);
@@ -295,11 +292,7 @@ async fn a_quota_store_that_answers_too_late_gets_a_503_that_says_so() {
 #[tokio::test]
 async fn quota_failure_mode_open_serves_unmetered_while_redis_is_down() {
     let cluster = Cluster::new().await;
-    let redis = TcpProxy::start(cluster.redis_url.trim_start_matches("redis://").trim_end_matches('/')).await;
-    let app = TestApp::spawn_with(
-        cluster.options().env("REDIS_URL", &format!("redis://{}/", redis.addr)).env("QUOTA_FAILURE_MODE", "open"),
-    )
-    .await;
+    let (redis, app) = behind_redis_proxy(&cluster, |o| o.env("QUOTA_FAILURE_MODE", "open")).await;
     let (_, key) = app.key("k").await;
     redis.cut();
     let resp = app.post("/api/chat", &key, json!({"model": MODEL, "stream": false, "messages": [{"role": "user", "content": "hi"}]})).send().await.unwrap();
