@@ -81,7 +81,9 @@ async fn ollama_generate(State(s): State<AppState>, headers: HeaderMap, body: Re
 
 async fn generation(state: AppState, dialect: Dialect, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
     let protocol = if dialect == Dialect::OpenAiChat { Protocol::OpenAi } else { Protocol::Ollama };
-    match generate(state, dialect, headers, body).await {
+    // Boxed: the request's whole state machine is kilobytes, and axum's
+    // handler and service layers would copy it with every move.
+    match Box::pin(generate(state, dialect, headers, body)).await {
         Ok(resp) => resp,
         Err(e) => e.in_protocol(protocol).into_response(),
     }

@@ -107,7 +107,7 @@ impl Framer {
     }
 
     fn next_frame(&mut self) -> Option<Frame> {
-        while let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+        while let Some(pos) = memchr::memchr(b'\n', &self.buf) {
             let raw = self.buf.split_to(pos + 1).freeze();
             let end = if pos > 0 && raw[pos - 1] == b'\r' { pos - 1 } else { pos };
             if !self.sse {

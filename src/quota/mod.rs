@@ -218,8 +218,11 @@ pub enum Store {
 macro_rules! dispatch {
     ($self:ident, $s:ident => $e:expr) => {
         match $self {
-            Store::Memory($s) => $e,
-            Store::Redis($s) => $e,
+            Store::Memory($s) => $e.await,
+            // Boxed: a Redis call's future is kilobytes (the pool checkout,
+            // the timeout, the script call), and every future awaiting it
+            // would carry them and copy them with every move.
+            Store::Redis($s) => Box::pin($e).await,
         }
     };
 }
@@ -233,31 +236,31 @@ impl Store {
 
 impl QuotaStore for Store {
     async fn admit(&self, req: &AdmitRequest) -> Result<Admit, StoreError> {
-        dispatch!(self, s => s.admit(req).await)
+        dispatch!(self, s => s.admit(req))
     }
     async fn lease(&self, resv: &ReservationRef, limits: &Limits, want: u64, exp: i64) -> Result<u64, StoreError> {
-        dispatch!(self, s => s.lease(resv, limits, want, exp).await)
+        dispatch!(self, s => s.lease(resv, limits, want, exp))
     }
     async fn settle(&self, resv: &ReservationRef, charge: Charge) -> Result<(), StoreError> {
-        dispatch!(self, s => s.settle(resv, charge).await)
+        dispatch!(self, s => s.settle(resv, charge))
     }
     async fn seed(&self, bucket: &BucketRef, totals: Usage) -> Result<(), StoreError> {
-        dispatch!(self, s => s.seed(bucket, totals).await)
+        dispatch!(self, s => s.seed(bucket, totals))
     }
     async fn usage(&self, key_id: i64, day: &str, month: &str) -> Result<(Option<Usage>, Option<Usage>), StoreError> {
-        dispatch!(self, s => s.usage(key_id, day, month).await)
+        dispatch!(self, s => s.usage(key_id, day, month))
     }
     async fn expire(&self, now_ms: i64, key_ids: &[i64]) -> Result<u64, StoreError> {
-        dispatch!(self, s => s.expire(now_ms, key_ids).await)
+        dispatch!(self, s => s.expire(now_ms, key_ids))
     }
     async fn take_dirty(&self, key_ids: &[i64]) -> Result<Vec<(BucketRef, Usage)>, StoreError> {
-        dispatch!(self, s => s.take_dirty(key_ids).await)
+        dispatch!(self, s => s.take_dirty(key_ids))
     }
     async fn mark_dirty(&self, buckets: &[BucketRef]) -> Result<(), StoreError> {
-        dispatch!(self, s => s.mark_dirty(buckets).await)
+        dispatch!(self, s => s.mark_dirty(buckets))
     }
     async fn ping(&self) -> Result<(), StoreError> {
-        dispatch!(self, s => s.ping().await)
+        dispatch!(self, s => s.ping())
     }
 }
 
