@@ -85,6 +85,43 @@ pub fn start_mock(cpu: Option<usize>) -> anyhow::Result<(Proc, u16)> {
     start_helper(&["mock"], cpu).context("cannot start the mock upstream")
 }
 
+/// Cluster mode's own `redis-server`, on `cpu` (beside the mock: to the
+/// gateway it is another service, as it would be on another machine): a free
+/// port, nothing kept on disk, stopped with the run. Returns it and its URL.
+pub fn start_redis(cpu: Option<usize>, workdir: &Path) -> anyhow::Result<(Proc, String)> {
+    use std::io::{Read, Write};
+    let port = free_port()?;
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"])
+        .arg(workdir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    // SAFETY: child_setup only makes async-signal-safe syscalls.
+    unsafe {
+        cmd.pre_exec(sys::child_setup(cpu));
+    }
+    let child = cmd.spawn().context("cannot start redis-server (cluster mode runs one of its own; is Redis installed?)")?;
+    let mut proc = Proc { child };
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pong = std::net::TcpStream::connect(("127.0.0.1", port)).and_then(|mut c| {
+            c.write_all(b"PING\r\n")?;
+            let mut b = [0u8; 7];
+            c.read_exact(&mut b)?;
+            Ok(&b == b"+PONG\r\n")
+        });
+        if pong.unwrap_or(false) {
+            return Ok((proc, format!("redis://127.0.0.1:{port}/")));
+        }
+        if !proc.alive() || Instant::now() > until {
+            proc.stop(Duration::from_secs(1));
+            bail!("redis-server did not answer on port {port}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Starts `<this binary> floor <upstream>`, the bare proxy, on `cpu`.
 pub fn start_floor(upstream: &str, cpu: Option<usize>) -> anyhow::Result<(Proc, u16)> {
     start_helper(&["floor", upstream], cpu).context("cannot start the floor proxy")
@@ -164,12 +201,11 @@ pub struct Gateway {
 
 pub struct Setup<'a> {
     pub binary: &'a Path,
-    pub mode: Mode,
     pub workdir: &'a Path,
     pub upstream_url: &'a str,
     pub database_url: String,
-    /// Cluster mode: the run's `REDIS_PREFIX` (the scratch database's name).
-    pub redis_prefix: Option<&'a str>,
+    /// Cluster mode: the run's own Redis.
+    pub redis_url: Option<&'a str>,
     pub cpu: Option<usize>,
 }
 
@@ -197,12 +233,8 @@ pub async fn start_gateway(s: Setup<'_>) -> anyhow::Result<Gateway> {
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr);
-    if s.mode == Mode::Cluster {
-        cmd.env("REDIS_URL", "redis://127.0.0.1:6379/").env("MIGRATE_ON_START", "true");
-    }
-    if let Some(prefix) = s.redis_prefix {
-        // A prefix of the run's own: nothing an earlier run left in Redis is in this run's way.
-        cmd.env("REDIS_PREFIX", prefix);
+    if let Some(url) = s.redis_url {
+        cmd.env("REDIS_URL", url).env("MIGRATE_ON_START", "true");
     }
     // SAFETY: child_setup only makes async-signal-safe syscalls.
     unsafe {
@@ -290,7 +322,6 @@ impl Gateway {
 /// A fresh PostgreSQL database for cluster mode, dropped again afterwards.
 pub struct ScratchDb {
     pub url: String,
-    /// The database's name, also the run's Redis key prefix.
     pub name: String,
 }
 
@@ -318,17 +349,6 @@ impl ScratchDb {
                 }
             }
             Err(e) => eprintln!("bench: could not drop database {}: {e}", self.name),
-        }
-        // The run's Redis keys (the gateway's REDIS_PREFIX is the database name).
-        let keys = std::process::Command::new("redis-cli").args(["--scan", "--pattern", &format!("{}:*", self.name)]).output();
-        match keys {
-            Ok(out) if out.status.success() => {
-                let keys: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();
-                for batch in keys.chunks(500) {
-                    let _ = std::process::Command::new("redis-cli").arg("DEL").args(batch).output();
-                }
-            }
-            _ => eprintln!("bench: could not remove the run's Redis keys ({}:*): redis-cli failed", self.name),
         }
     }
 }

@@ -23,11 +23,13 @@ use crate::load::{Api, Loader, Target, Which};
 use crate::mock::Knobs;
 use crate::phases::Sides;
 
-const USAGE: &str = "usage: llm-quota-bench [--quick] [--mode embedded|cluster] [--awake] [--phases LIST] [--gateway PATH] [--no-build] [--keep] [--linger SECS] [--trace FILE]
+const USAGE: &str = "usage: llm-quota-bench [--quick] [--mode embedded|cluster] [--awake] [--one-cpu] [--phases LIST] [--gateway PATH] [--no-build] [--keep] [--linger SECS] [--trace FILE]
   --quick          every phase shrunk (under a minute in all)
   --mode           embedded (default: SQLite, in-process quota) or cluster (Redis + PostgreSQL on 127.0.0.1)
   --awake          keep every CPU out of its idle state with a lowest-priority spinner
                    (on a VM, waking an idle vCPU costs 0.1–1 ms per hop; see bench/README.md)
+  --one-cpu        pin the gateway, the mock and the load generator all to CPU 1 (no hop between
+                   CPUs; by default the gateway has CPU 1 and the others share CPU 0)
   --phases LIST    comma-separated subset of: sanity,latency,cpu,stream,throughput,streams (default: all)
   --gateway PATH   use this gateway binary instead of building target/release/llm-quota
   --no-build       do not run `cargo build --release --bin llm-quota` first
@@ -49,6 +51,7 @@ pub struct Args {
     pub trace: Option<PathBuf>,
     pub linger: Duration,
     pub awake: bool,
+    pub one_cpu: bool,
 }
 
 fn parse_args(mut it: impl Iterator<Item = String>) -> anyhow::Result<Args> {
@@ -62,6 +65,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> anyhow::Result<Args> {
         trace: None,
         linger: Duration::ZERO,
         awake: false,
+        one_cpu: false,
     };
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -83,6 +87,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> anyhow::Result<Args> {
             "--gateway" => a.gateway = Some(it.next().context("--gateway needs a path")?.into()),
             "--no-build" => a.build = false,
             "--awake" => a.awake = true,
+            "--one-cpu" => a.one_cpu = true,
             "--keep" => a.keep = true,
             "--linger" => {
                 let secs: u64 = it.next().and_then(|s| s.parse().ok()).context("--linger takes a number of seconds")?;
@@ -175,13 +180,17 @@ fn main() -> ExitCode {
     };
     let mut machine = sys::machine_info();
     let nofile = sys::raise_nofile();
-    // The gateway gets CPU 1 to itself; the load generator and the mock share CPU 0.
-    let pinned = machine.cpus >= 2 && sys::pin_current_to(0).is_ok();
-    if pinned {
+    // The gateway gets CPU 1 to itself; the load generator and the mock share
+    // CPU 0 (or CPU 1 too, with --one-cpu).
+    let mut placement = if args.one_cpu { sys::Placement::OneCpu } else { sys::Placement::Split };
+    if machine.cpus >= 2 {
         machine.hop = sys::measure_hop();
     }
+    if machine.cpus < 2 || placement.client_cpu().is_some_and(|cpu| sys::pin_current_to(cpu).is_err()) {
+        placement = sys::Placement::Unpinned;
+    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
-    match rt.block_on(run(args, machine, nofile, pinned)) {
+    match rt.block_on(run(args, machine, nofile, placement)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("llm-quota-bench: {e:#}");
@@ -245,7 +254,7 @@ fn git_revision(workspace: &Path) -> String {
     }
 }
 
-async fn run(args: Args, machine: sys::MachineInfo, nofile: u64, pinned: bool) -> anyhow::Result<()> {
+async fn run(args: Args, machine: sys::MachineInfo, nofile: u64, placement: sys::Placement) -> anyhow::Result<()> {
     let started = Instant::now();
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("bench/ has no parent")?.to_path_buf();
     let binary = match &args.gateway {
@@ -265,12 +274,12 @@ async fn run(args: Args, machine: sys::MachineInfo, nofile: u64, pinned: bool) -
 
     let spinners = if args.awake { gateway::start_spinners(machine.cpus)? } else { Vec::new() };
     let spinner_pids: Vec<u32> = spinners.iter().map(|p| p.pid()).collect();
-    let (mut mock, mock_port) = gateway::start_mock(pinned.then_some(0))?;
+    let (mut mock, mock_port) = gateway::start_mock(placement.client_cpu())?;
     let mock_pid = mock.pid();
     let upstream = local_url(mock_port);
     // The bare proxy, beside the gateway on its CPU, for the latency and stream phases.
     let mut floor = if args.phases.iter().any(|p| p == "latency" || p == "stream") {
-        Some(gateway::start_floor(&upstream, pinned.then_some(1))?)
+        Some(gateway::start_floor(&upstream, placement.gateway_cpu())?)
     } else {
         None
     };
@@ -278,21 +287,24 @@ async fn run(args: Args, machine: sys::MachineInfo, nofile: u64, pinned: bool) -
     helper_pids.extend(floor.as_ref().map(|(p, _)| p.pid()));
     helper_pids.extend(&spinner_pids);
     let floor_url = floor.as_ref().map(|(_, port)| local_url(*port));
-    let scratch = match args.mode {
-        Mode::Cluster => Some(gateway::ScratchDb::create().await?),
-        Mode::Embedded => None,
+    let (scratch, mut redis) = match args.mode {
+        Mode::Cluster => {
+            let redis = gateway::start_redis(placement.client_cpu(), &workdir)?;
+            helper_pids.push(redis.0.pid());
+            (Some(gateway::ScratchDb::create().await?), Some(redis))
+        }
+        Mode::Embedded => (None, None),
     };
     let database_url =
         scratch.as_ref().map_or_else(|| format!("sqlite://{}/bench.db", workdir.display()), |db| db.url.clone());
     let result = async {
         let mut gw = gateway::start_gateway(gateway::Setup {
             binary: &binary,
-            mode: args.mode,
             workdir: &workdir,
             upstream_url: &upstream,
             database_url,
-            redis_prefix: scratch.as_ref().map(|db| db.name.as_str()),
-            cpu: pinned.then_some(1),
+            redis_url: redis.as_ref().map(|(_, url)| url.as_str()),
+            cpu: placement.gateway_cpu(),
         })
         .await?;
         let key = gw.create_key().await?;
@@ -310,6 +322,9 @@ async fn run(args: Args, machine: sys::MachineInfo, nofile: u64, pinned: bool) -
     if let Some((p, _)) = floor.as_mut() {
         p.stop(Duration::from_secs(1));
     }
+    if let Some((p, _)) = redis.as_mut() {
+        p.stop(Duration::from_secs(1));
+    }
     drop(spinners);
     if let Some(db) = scratch {
         db.drop_db().await;
@@ -323,7 +338,7 @@ async fn run(args: Args, machine: sys::MachineInfo, nofile: u64, pinned: bool) -
     report.header = report::Header {
         machine,
         nofile,
-        pinned,
+        placement,
         awake: args.awake,
         quick: args.quick,
         mode: args.mode,
@@ -359,7 +374,7 @@ async fn measure(
     let ours = || {
         [std::process::id(), pid].iter().chain(helper_pids).map(|&p| sys::cpu_time(p).unwrap_or_default()).sum::<Duration>()
     };
-    let (busy_start, ours_start, wall_start) = (sys::machine_busy(), ours(), Instant::now());
+    let (busy_start, ours_start, wall_start, steal_start) = (sys::machine_busy(), ours(), Instant::now(), sys::steal());
     let mut r = report::Report::default();
     r.rss.push(("idle, after start-up".into(), sys::rss_kib(pid).unwrap_or(0)));
     r.threads_idle = sys::threads(pid).unwrap_or(0);
@@ -414,6 +429,7 @@ async fn measure(
         eprintln!("bench: request trace written to {}", path.display());
     }
     r.foreign_cpu = (sys::machine_busy().saturating_sub(busy_start)).saturating_sub(ours().saturating_sub(ours_start));
+    r.steal = sys::steal().saturating_sub(steal_start);
     r.measure_wall = wall_start.elapsed();
     r.errors = loader.errors.borrow().clone();
     r.statuses = loader.statuses.borrow().clone();

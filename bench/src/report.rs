@@ -9,12 +9,12 @@ use hdrhistogram::Histogram;
 use crate::gateway::Mode;
 use crate::mock::Knobs;
 use crate::phases::{CpuRow, CrowdLevel, LatencyRow, RateLevel, StreamRow, STALL};
-use crate::sys::MachineInfo;
+use crate::sys::{MachineInfo, Placement};
 
 pub struct Header {
     pub machine: MachineInfo,
     pub nofile: u64,
-    pub pinned: bool,
+    pub placement: Placement,
     pub awake: bool,
     pub quick: bool,
     pub mode: Mode,
@@ -37,7 +37,7 @@ impl Default for Header {
                 hop: None,
             },
             nofile: 0,
-            pinned: false,
+            placement: Placement::Unpinned,
             awake: false,
             quick: false,
             mode: Mode::Embedded,
@@ -68,6 +68,8 @@ pub struct Report {
     pub gateway_cpu_total: Duration,
     /// CPU time of all other processes on the machine while measuring.
     pub foreign_cpu: Duration,
+    /// Steal time of the machine's CPUs while measuring (the hypervisor's).
+    pub steal: Duration,
     /// The first request after start-up, per side.
     pub first_request: Vec<(crate::load::Which, Duration)>,
     pub measure_wall: Duration,
@@ -231,18 +233,22 @@ impl Report {
         if let Some(hop) = &m.hop {
             let _ = writeln!(
                 o,
-                "- one hop between CPU 0 and CPU 1 (a byte there and back over a socket pair, median): {:.0} µs back to back, {:.0} µs after 1 ms idle; every hop between the gateway and the other processes pays it",
+                "- one hop between CPU 0 and CPU 1 (a byte there and back over a socket pair, median): {:.0} µs back to back, {:.0} µs after 1 ms idle; {}",
                 hop.busy.as_secs_f64() * 1e6,
-                hop.idle.as_secs_f64() * 1e6
+                hop.idle.as_secs_f64() * 1e6,
+                match h.placement {
+                    Placement::OneCpu => "with --one-cpu only a hop to PostgreSQL (not pinned) can pay it",
+                    _ => "every hop between the gateway and the other processes pays it",
+                }
             );
         }
         let _ = writeln!(
             o,
             "- placement: {}; open-files limit {}{}",
-            if h.pinned {
-                "gateway pinned to CPU 1; mock upstream and load generator share CPU 0"
-            } else {
-                "not pinned (fewer than 2 CPUs): all processes share the machine"
+            match h.placement {
+                Placement::Split => "gateway pinned to CPU 1; mock upstream and load generator (and Redis, in cluster mode) share CPU 0",
+                Placement::OneCpu => "--one-cpu: gateway, mock upstream and load generator (and Redis, in cluster mode) all pinned to CPU 1 (no hop between CPUs; they share one core)",
+                Placement::Unpinned => "not pinned (fewer than 2 CPUs): all processes share the machine",
             },
             h.nofile,
             if h.awake { "; --awake: a nice-19 spinner on every CPU keeps it out of idle (its CPU time is not counted as load)" } else { "" }
@@ -263,7 +269,8 @@ impl Report {
         let share = self.foreign_cpu.as_secs_f64() / self.measure_wall.as_secs_f64().max(1e-9);
         let _ = writeln!(
             o,
-            "- other processes used {:.1} CPU-seconds during the {:.0} s of measurements ({:.0} % of one CPU){}",
+            "- other processes{} used {:.1} CPU-seconds during the {:.0} s of measurements ({:.0} % of one CPU){}",
+            if h.mode == Mode::Cluster { " (PostgreSQL included)" } else { "" },
             self.foreign_cpu.as_secs_f64(),
             self.measure_wall.as_secs_f64(),
             share * 100.0,
@@ -274,6 +281,14 @@ impl Report {
             } else {
                 ""
             }
+        );
+        let stolen = self.steal.as_secs_f64() / self.measure_wall.as_secs_f64().max(1e-9);
+        let _ = writeln!(
+            o,
+            "- steal time (the hypervisor ran something else while a vCPU of this VM wanted to run): {:.2} s in all, {:.1} % of one CPU{}",
+            self.steal.as_secs_f64(),
+            stolen * 100.0,
+            if stolen > 0.02 { " — vCPUs were held up now and then: tails may be disturbed" } else { "" }
         );
         let _ = writeln!(
             o,

@@ -3,6 +3,38 @@
 
 use std::time::Duration;
 
+/// Where the bench puts its processes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Placement {
+    /// Fewer than two CPUs (or pinning failed): everything shares the machine.
+    Unpinned,
+    /// The gateway (and the floor proxy) on CPU 1; the mock upstream and the
+    /// load generator on CPU 0.
+    Split,
+    /// Everything on CPU 1 (`--one-cpu`): no hop between CPUs, so the
+    /// added latency is the gateway's own work plus a context switch.
+    OneCpu,
+}
+
+impl Placement {
+    /// The CPU of the load generator and the mock upstream.
+    pub fn client_cpu(self) -> Option<usize> {
+        match self {
+            Placement::Unpinned => None,
+            Placement::Split => Some(0),
+            Placement::OneCpu => Some(1),
+        }
+    }
+
+    /// The CPU of the gateway and the floor proxy.
+    pub fn gateway_cpu(self) -> Option<usize> {
+        match self {
+            Placement::Unpinned => None,
+            Placement::Split | Placement::OneCpu => Some(1),
+        }
+    }
+}
+
 /// Logical CPUs of the machine (not of our affinity mask, which we narrow).
 pub fn cpu_count() -> usize {
     // SAFETY: sysconf has no preconditions.
@@ -150,14 +182,30 @@ pub fn tcp_ext(name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Busy time of all CPUs together since boot (everything but idle and iowait).
-pub fn machine_busy() -> Duration {
+/// The machine-wide `cpu` line of `/proc/stat`: user, nice, system, idle,
+/// iowait, irq, softirq, steal, … in clock ticks since boot.
+fn machine_ticks() -> Vec<u64> {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else { return Duration::ZERO };
-    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
-    let total: u64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    Duration::from_micros(total.saturating_sub(idle) * 1_000_000 / clock_ticks_per_sec())
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else { return Vec::new() };
+    line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect()
+}
+
+fn ticks(n: u64) -> Duration {
+    Duration::from_micros(n * 1_000_000 / clock_ticks_per_sec())
+}
+
+/// Time the processes of all CPUs together ran since boot (user, nice,
+/// system, irq, softirq: not idle, iowait or steal).
+pub fn machine_busy() -> Duration {
+    let v = machine_ticks();
+    let at = |i: usize| v.get(i).copied().unwrap_or(0);
+    ticks(at(0) + at(1) + at(2) + at(5) + at(6))
+}
+
+/// Steal time of all CPUs together since boot: time a virtual CPU wanted to
+/// run but the hypervisor ran something else.
+pub fn steal() -> Duration {
+    ticks(machine_ticks().get(7).copied().unwrap_or(0))
 }
 
 pub fn loadavg() -> String {
