@@ -25,11 +25,12 @@ use crate::phases::Sides;
 
 const USAGE: &str = "usage: llm-quota-bench [--quick] [--mode embedded|cluster] [--awake] [--one-cpu] [--phases LIST] [--gateway PATH] [--no-build] [--keep] [--linger SECS] [--trace FILE]
   --quick          every phase shrunk (under a minute in all)
-  --mode           embedded (default: SQLite, in-process quota) or cluster (Redis + PostgreSQL on 127.0.0.1)
+  --mode           embedded (default: SQLite, in-process quota) or cluster (a redis-server of its own
+                   + PostgreSQL on 127.0.0.1)
   --awake          keep every CPU out of its idle state with a lowest-priority spinner
                    (on a VM, waking an idle vCPU costs 0.1–1 ms per hop; see bench/README.md)
-  --one-cpu        pin the gateway, the mock and the load generator all to CPU 1 (no hop between
-                   CPUs; by default the gateway has CPU 1 and the others share CPU 0)
+  --one-cpu        pin the gateway, the mock, the load generator (and Redis) all to CPU 1 (no hop
+                   between CPUs; by default the gateway has CPU 1 and the others share CPU 0)
   --phases LIST    comma-separated subset of: sanity,latency,cpu,stream,throughput,streams (default: all)
   --gateway PATH   use this gateway binary instead of building target/release/llm-quota
   --no-build       do not run `cargo build --release --bin llm-quota` first
