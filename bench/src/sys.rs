@@ -149,7 +149,7 @@ pub fn cpu_busy(window: Duration) -> Vec<f64> {
         stat.lines()
             .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
             .map(|l| {
-                let v: Vec<u64> = l.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+                let v = stat_ticks(l);
                 let total: u64 = v.iter().take(8).sum();
                 let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
                 (total, idle)
@@ -182,12 +182,16 @@ pub fn tcp_ext(name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The machine-wide `cpu` line of `/proc/stat`: user, nice, system, idle,
+/// The numbers of a `cpu…` line of `/proc/stat`: user, nice, system, idle,
 /// iowait, irq, softirq, steal, … in clock ticks since boot.
+fn stat_ticks(line: &str) -> Vec<u64> {
+    line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect()
+}
+
+/// The machine-wide `cpu` line of `/proc/stat` (all CPUs together).
 fn machine_ticks() -> Vec<u64> {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else { return Vec::new() };
-    line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect()
+    stat.lines().find(|l| l.starts_with("cpu ")).map(stat_ticks).unwrap_or_default()
 }
 
 fn ticks(n: u64) -> Duration {

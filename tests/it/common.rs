@@ -150,6 +150,23 @@ impl Drop for TestApp {
     }
 }
 
+/// Polls `probe` every 20 ms until it returns `Ok`, for at most 10 s (the
+/// deadline only keeps a slow, shared machine from failing a test; no
+/// timing is asserted). Panics naming `what` and the last `Err` it saw.
+pub async fn eventually<T, E: std::fmt::Debug, F: std::future::Future<Output = Result<T, E>>>(
+    what: &str,
+    mut probe: impl FnMut() -> F,
+) -> T {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match probe().await {
+            Ok(v) => return v,
+            Err(last) if tokio::time::Instant::now() >= deadline => panic!("timed out after 10 s waiting for {what}; last: {last:?}"),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
+}
+
 pub fn chat(model: &str, text: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": text}]})
 }
