@@ -136,22 +136,10 @@ pub async fn run(flusher: Arc<Mutex<Flusher>>, interval: Duration, stop: Cancell
         }
         ::metrics::gauge!(metrics::FLUSH_LAG).set(last_ok.elapsed().as_secs_f64());
         // Off the runtime's threads: it walks the heap's free lists.
-        tokio::task::spawn_blocking(release_freed_memory);
+        tokio::task::spawn_blocking(crate::release_freed_memory);
     }
     if let Err(e) = flusher.lock().await.flush().await {
         tracing::error!(error = %e, "final flush failed; unflushed usage is lost");
-    }
-}
-
-/// Hand heap pages freed since the last round back to the system. glibc
-/// keeps them otherwise: after a burst (a thousand streams' buffers) the
-/// gateway would stay at its peak resident size while idle.
-fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim is thread-safe (it locks each arena) and only
-    // returns unused heap pages to the system.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 
