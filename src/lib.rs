@@ -31,7 +31,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::{
     config::{Config, Secret},
-    proxy::auth::KeyCache,
+    proxy::{auth::KeyCache, relay::Dialect},
     quota::{
         buckets::{Clock, SystemClock},
         flush::{EventSink, Flusher},
@@ -47,6 +47,28 @@ use crate::{
 pub struct Settings {
     pub ollama_url: String,
     pub default_model: String,
+    /// The upstream's generation routes, parsed once per change of
+    /// `ollama_url` instead of once per request (`None`: it does not parse,
+    /// and the request fails as the upstream call would).
+    generation_urls: [Option<reqwest::Url>; 3],
+}
+
+impl Settings {
+    pub fn new(ollama_url: String, default_model: String) -> Settings {
+        let url = |d: Dialect| reqwest::Url::parse(&format!("{ollama_url}{}", d.route())).ok();
+        let generation_urls = [url(Dialect::OllamaChat), url(Dialect::OllamaGenerate), url(Dialect::OpenAiChat)];
+        Settings { ollama_url, default_model, generation_urls }
+    }
+
+    /// The upstream URL a generation request of `dialect` goes to.
+    pub fn generation_url(&self, dialect: Dialect) -> Option<&reqwest::Url> {
+        let i = match dialect {
+            Dialect::OllamaChat => 0,
+            Dialect::OllamaGenerate => 1,
+            Dialect::OpenAiChat => 2,
+        };
+        self.generation_urls[i].as_ref()
+    }
 }
 
 pub struct SettingsCache(RwLock<Arc<Settings>>);
@@ -58,10 +80,10 @@ impl SettingsCache {
 
     /// Stored values over the environment's defaults.
     pub async fn reload(&self, db: &Db, config: &Config) -> sqlx::Result<()> {
-        let fresh = Settings {
-            ollama_url: db.get_setting(settings::OLLAMA_URL).await?.unwrap_or_else(|| config.ollama_url.clone()),
-            default_model: db.get_setting(settings::DEFAULT_MODEL).await?.unwrap_or_else(|| config.default_model.clone()),
-        };
+        let fresh = Settings::new(
+            db.get_setting(settings::OLLAMA_URL).await?.unwrap_or_else(|| config.ollama_url.clone()),
+            db.get_setting(settings::DEFAULT_MODEL).await?.unwrap_or_else(|| config.default_model.clone()),
+        );
         if let Ok(mut s) = self.0.write() {
             *s = Arc::new(fresh);
         }
@@ -209,10 +231,10 @@ impl App {
             config.log_file.as_ref().map(PathBuf::from),
             Duration::from_secs(u64::from(config.usage_retention_days) * 86_400),
         );
-        let settings = Arc::new(SettingsCache(RwLock::new(Arc::new(Settings {
-            ollama_url: config.ollama_url.clone(),
-            default_model: config.default_model.clone(),
-        }))));
+        let settings = Arc::new(SettingsCache(RwLock::new(Arc::new(Settings::new(
+            config.ollama_url.clone(),
+            config.default_model.clone(),
+        )))));
         settings.reload(&db, &config).await.context("loading settings")?;
         let proxy = bind(config.proxy_host, config.proxy_port).with_context(|| format!("binding the proxy to {}:{}", config.proxy_host, config.proxy_port))?;
         let admin = bind(config.admin_host, config.admin_port).with_context(|| format!("binding the admin to {}:{}", config.admin_host, config.admin_port))?;
