@@ -5,7 +5,7 @@ use std::borrow::Cow;
 
 use chrono::{SecondsFormat, Utc};
 use serde::{de::IgnoredAny, Deserialize};
-use serde_json::{json, value::RawValue, Map, Value};
+use serde_json::{json, Map, Value};
 
 use crate::tokens;
 
@@ -54,7 +54,7 @@ pub struct Plain<'a> {
     #[serde(borrow)]
     thinking: Option<Cow<'a, str>>,
     #[serde(borrow)]
-    message: Option<&'a RawValue>,
+    message: Option<Obj<PlainMessage<'a>>>,
     done: Option<bool>,
     prompt_eval_count: Option<u64>,
     eval_count: Option<u64>,
@@ -65,7 +65,7 @@ pub struct Plain<'a> {
     message_thinking: Option<Cow<'a, str>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 struct PlainMessage<'a> {
     #[serde(borrow)]
     content: Option<Cow<'a, str>>,
@@ -75,10 +75,31 @@ struct PlainMessage<'a> {
     images: Option<IgnoredAny>,
 }
 
-/// `text` read as `T` if it is a JSON object (serde would also read an
-/// array into a struct, field by position).
+/// `text` read as `T` if it is a JSON object.
 pub(super) fn object<'a, T: Deserialize<'a>>(text: &'a str) -> Option<T> {
-    text.trim_start().starts_with('{').then(|| serde_json::from_str(text).ok()).flatten()
+    serde_json::from_str::<Obj<T>>(text).ok().map(|o| o.0)
+}
+
+/// A `T` that only a JSON object gives: serde would also read an array
+/// into a struct, field by position. Nested in a struct, it reads the
+/// object in the same pass as its parent.
+#[derive(Debug)]
+pub(super) struct Obj<T>(pub T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Only<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Only<T> {
+            type Value = Obj<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Obj<T>, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Obj)
+            }
+        }
+        d.deserialize_map(Only(std::marker::PhantomData))
+    }
 }
 
 impl<'a> Plain<'a> {
@@ -87,8 +108,7 @@ impl<'a> Plain<'a> {
         if p.error.is_some() {
             return None;
         }
-        if let Some(raw) = p.message {
-            let m: PlainMessage<'a> = object(raw.get())?;
+        if let Some(Obj(m)) = p.message.take() {
             if m.tool_calls.is_some() || m.images.is_some() {
                 return None;
             }

@@ -5,9 +5,9 @@
 use std::{borrow::Cow, collections::BTreeMap};
 
 use serde::{de::IgnoredAny, Deserialize};
-use serde_json::{json, value::RawValue, Map, Value};
+use serde_json::{json, Map, Value};
 
-use super::ollama::object;
+use super::ollama::{object, Obj};
 use crate::tokens;
 
 /// `(prompt_tokens, completion_tokens)` of a chunk carrying usage.
@@ -95,7 +95,7 @@ pub struct Plain<'a> {
 #[derive(Deserialize)]
 struct PlainChunk<'a> {
     #[serde(borrow)]
-    choices: Option<Vec<&'a RawValue>>,
+    choices: Option<Vec<Obj<PlainChoice<'a>>>>,
     usage: Option<IgnoredAny>,
     error: Option<IgnoredAny>,
 }
@@ -104,7 +104,7 @@ struct PlainChunk<'a> {
 struct PlainChoice<'a> {
     index: Option<u64>,
     #[serde(borrow)]
-    delta: Option<&'a RawValue>,
+    delta: Option<Obj<PlainDelta<'a>>>,
     #[serde(borrow)]
     finish_reason: Option<Cow<'a, str>>,
 }
@@ -129,18 +129,19 @@ impl<'a> Plain<'a> {
             return None;
         }
         let mut p = Plain::default();
-        let choices = chunk.choices?;
-        let [choice] = choices.as_slice() else {
-            return choices.is_empty().then_some(p);
+        let mut choices = chunk.choices?;
+        if choices.len() > 1 {
+            return None;
+        }
+        let Some(Obj(c)) = choices.pop() else {
+            return Some(p);
         };
-        let c: PlainChoice<'a> = object(choice.get())?;
         if c.index.unwrap_or(0) != 0 {
             return None;
         }
         p.has_choice = true;
         p.finish_reason = c.finish_reason;
-        if let Some(raw) = c.delta {
-            let d: PlainDelta<'a> = object(raw.get())?;
+        if let Some(Obj(d)) = c.delta {
             if d.tool_calls.is_some() {
                 return None;
             }
