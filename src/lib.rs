@@ -343,3 +343,20 @@ impl App {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_urls_keep_the_upstream_path() {
+        let s = Settings::new("http://gpu.internal:8080/ollama".into(), "m".into());
+        let url = |d| s.generation_url(d).map(|u| u.as_str().to_string());
+        assert_eq!(url(Dialect::OllamaChat).as_deref(), Some("http://gpu.internal:8080/ollama/api/chat"));
+        assert_eq!(url(Dialect::OllamaGenerate).as_deref(), Some("http://gpu.internal:8080/ollama/api/generate"));
+        assert_eq!(url(Dialect::OpenAiChat).as_deref(), Some("http://gpu.internal:8080/ollama/v1/chat/completions"));
+        // A stored value that does not parse leaves the request to fail as
+        // the upstream call would.
+        assert!(Settings::new("not a url".into(), "m".into()).generation_url(Dialect::OllamaChat).is_none());
+    }
+}
