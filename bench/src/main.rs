@@ -309,7 +309,8 @@ async fn run(args: Args, machine: sys::MachineInfo, nofile: u64, placement: sys:
         })
         .await?;
         let key = gw.create_key().await?;
-        let measured = measure(&args, &plan, &gw, &helper_pids, &upstream, floor_url.as_deref(), &key).await;
+        let redis_pid = redis.as_ref().map(|(p, _)| p.pid());
+        let measured = measure(&args, &plan, &gw, &helper_pids, redis_pid, &upstream, floor_url.as_deref(), &key).await;
         let alive = gw.proc.alive();
         let log = gw.log_summary();
         gw.proc.stop(Duration::from_secs(5));
@@ -356,6 +357,7 @@ async fn measure(
     plan: &Plan,
     gw: &gateway::Gateway,
     helper_pids: &[u32],
+    redis_pid: Option<u32>,
     upstream: &str,
     floor_url: Option<&str>,
     key: &str,
@@ -369,7 +371,7 @@ async fn measure(
     };
     let pid = gw.proc.pid();
     let floor = floor_url.map(|base| Target { which: Which::Floor, base: base.to_owned(), auth: None });
-    let sides = Sides { direct: &direct, gateway: &gateway, floor: floor.as_ref(), gateway_pid: pid };
+    let sides = Sides { direct: &direct, gateway: &gateway, floor: floor.as_ref(), gateway_pid: pid, redis_pid };
     let on = |p: &str| args.phases.iter().any(|x| x == p);
     // CPU used by processes other than ours while measuring: the noise.
     let ours = || {

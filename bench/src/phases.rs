@@ -21,6 +21,8 @@ pub struct Sides<'a> {
     /// A bare proxy on the gateway's CPU (see `floor.rs`), if one runs.
     pub floor: Option<&'a Target>,
     pub gateway_pid: u32,
+    /// Cluster mode's own redis-server.
+    pub redis_pid: Option<u32>,
 }
 
 impl<'a> Sides<'a> {
@@ -166,6 +168,8 @@ pub struct CpuRow {
     pub requests: usize,
     pub concurrency: usize,
     pub cpu_per_request: Duration,
+    /// Redis's CPU time per request through the gateway (cluster mode).
+    pub redis_per_request: Option<Duration>,
     pub gateway_rps: f64,
     pub direct_rps: f64,
 }
@@ -200,18 +204,27 @@ pub async fn cpu(loader: &Loader, sides: &Sides<'_>, requests: usize, streams: u
         closed_loop(loader, sides.direct, api, &body, stream, c * 4, c).await;
         closed_loop(loader, sides.gateway, api, &body, stream, c * 4, c).await;
         let direct = closed_loop(loader, sides.direct, api, &body, stream, n, c).await;
-        let before = sys::cpu_time(sides.gateway_pid).unwrap_or_default();
+        let redis_cpu = || sides.redis_pid.and_then(sys::cpu_time);
+        let (before, redis_before) = (sys::cpu_time(sides.gateway_pid).unwrap_or_default(), redis_cpu());
         let gateway = closed_loop(loader, sides.gateway, api, &body, stream, n, c).await;
-        let after = sys::cpu_time(sides.gateway_pid).unwrap_or_default();
+        let (after, redis_after) = (sys::cpu_time(sides.gateway_pid).unwrap_or_default(), redis_cpu());
         let row = CpuRow {
             case: case.into(),
             requests: n,
             concurrency: c,
             cpu_per_request: (after - before) / n as u32,
+            redis_per_request: redis_before.zip(redis_after).map(|(b, a)| a.saturating_sub(b) / n as u32),
             gateway_rps: n as f64 / gateway.as_secs_f64(),
             direct_rps: n as f64 / direct.as_secs_f64(),
         };
-        eprintln!("bench:   {case}: {:.0} µs CPU/request", row.cpu_per_request.as_secs_f64() * 1e6);
+        match row.redis_per_request {
+            Some(redis) => eprintln!(
+                "bench:   {case}: {:.0} µs CPU/request (Redis {:.0} µs)",
+                row.cpu_per_request.as_secs_f64() * 1e6,
+                redis.as_secs_f64() * 1e6
+            ),
+            None => eprintln!("bench:   {case}: {:.0} µs CPU/request", row.cpu_per_request.as_secs_f64() * 1e6),
+        }
         rows.push(row);
     }
     rows

@@ -165,6 +165,15 @@ impl Report {
                 "".into(),
                 "".into(),
             ]);
+            if let Some(redis) = r.redis_per_request {
+                rows.push([
+                    format!("Redis CPU per request, {}", r.case),
+                    "".into(),
+                    format!("{:.0} µs", redis.as_secs_f64() * 1e6),
+                    "".into(),
+                    "".into(),
+                ]);
+            }
         }
         for r in &self.streaming {
             let (t50d, t50g, t99d, t99g) = (q(&r.ttfc.direct, 0.5), q(&r.ttfc.gateway, 0.5), q(&r.ttfc.direct, 0.99), q(&r.ttfc.gateway, 0.99));
@@ -340,15 +349,16 @@ impl Report {
         if !self.cpu.is_empty() {
             let c = self.cpu[0].concurrency;
             let _ = writeln!(o, "\n### Gateway CPU per request (utime+stime from /proc, closed loop, concurrency {c}, mock answers at once)\n");
-            let _ = writeln!(o, "| case | requests | gateway CPU / request | gateway req/s (1 CPU) | direct req/s | × |");
-            let _ = writeln!(o, "|---|--:|--:|--:|--:|--:|");
+            let _ = writeln!(o, "| case | requests | gateway CPU / request | Redis CPU / request | gateway req/s (1 CPU) | direct req/s | × |");
+            let _ = writeln!(o, "|---|--:|--:|--:|--:|--:|--:|");
             for r in &self.cpu {
                 let _ = writeln!(
                     o,
-                    "| {} | {} | {:.0} µs | {:.0} | {:.0} | {:.2}× |",
+                    "| {} | {} | {:.0} µs | {} | {:.0} | {:.0} | {:.2}× |",
                     r.case,
                     r.requests,
                     r.cpu_per_request.as_secs_f64() * 1e6,
+                    r.redis_per_request.map_or_else(|| "–".to_string(), |d| format!("{:.0} µs", d.as_secs_f64() * 1e6)),
                     r.gateway_rps,
                     r.direct_rps,
                     r.gateway_rps / r.direct_rps.max(1e-9)
