@@ -12,7 +12,7 @@ use tokio::time::MissedTickBehavior;
 
 use crate::load::{self, histogram, record, Api, Loader, Target, Which};
 use crate::mock::Knobs;
-use crate::sys;
+use crate::{report, sys};
 
 /// The two sides of one measurement.
 pub struct Sides<'a> {
@@ -198,13 +198,13 @@ pub async fn cpu(loader: &Loader, sides: &Sides<'_>, requests: usize, streams: u
         ("/api/chat non-stream, 2 KB, 16 chunks", Api::Chat, load::body(Api::Chat, fast, 2048, false), false, requests),
         ("/api/chat stream, 200 B, 64 chunks", Api::Chat, load::body(Api::Chat, long, 200, true), true, streams),
     ];
+    let redis_cpu = || sides.redis_pid.and_then(sys::cpu_time);
     let mut rows = Vec::new();
     for (case, api, body, stream, n) in cases {
         // Warm both sides' connection pools to this concurrency.
         closed_loop(loader, sides.direct, api, &body, stream, c * 4, c).await;
         closed_loop(loader, sides.gateway, api, &body, stream, c * 4, c).await;
         let direct = closed_loop(loader, sides.direct, api, &body, stream, n, c).await;
-        let redis_cpu = || sides.redis_pid.and_then(sys::cpu_time);
         let (before, redis_before) = (sys::cpu_time(sides.gateway_pid).unwrap_or_default(), redis_cpu());
         let gateway = closed_loop(loader, sides.gateway, api, &body, stream, n, c).await;
         let (after, redis_after) = (sys::cpu_time(sides.gateway_pid).unwrap_or_default(), redis_cpu());
@@ -217,14 +217,8 @@ pub async fn cpu(loader: &Loader, sides: &Sides<'_>, requests: usize, streams: u
             gateway_rps: n as f64 / gateway.as_secs_f64(),
             direct_rps: n as f64 / direct.as_secs_f64(),
         };
-        match row.redis_per_request {
-            Some(redis) => eprintln!(
-                "bench:   {case}: {:.0} µs CPU/request (Redis {:.0} µs)",
-                row.cpu_per_request.as_secs_f64() * 1e6,
-                redis.as_secs_f64() * 1e6
-            ),
-            None => eprintln!("bench:   {case}: {:.0} µs CPU/request", row.cpu_per_request.as_secs_f64() * 1e6),
-        }
+        let redis = row.redis_per_request.map_or_else(String::new, |d| format!(" (Redis {})", report::us(d)));
+        eprintln!("bench:   {case}: {} CPU/request{redis}", report::us(row.cpu_per_request));
         rows.push(row);
     }
     rows

@@ -80,6 +80,11 @@ pub struct Report {
 }
 
 /// Microseconds as milliseconds, three significant-ish decimals.
+/// A duration as whole microseconds: "176 µs".
+pub fn us(d: Duration) -> String {
+    format!("{:.0} µs", d.as_secs_f64() * 1e6)
+}
+
 fn ms(us: u64) -> String {
     if us < 10_000 {
         format!("{:.3} ms", us as f64 / 1000.0)
@@ -158,21 +163,10 @@ impl Report {
             ]);
         }
         for r in &self.cpu {
-            rows.push([
-                format!("gateway CPU per request, {}", r.case),
-                "".into(),
-                format!("{:.0} µs", r.cpu_per_request.as_secs_f64() * 1e6),
-                "".into(),
-                "".into(),
-            ]);
-            if let Some(redis) = r.redis_per_request {
-                rows.push([
-                    format!("Redis CPU per request, {}", r.case),
-                    "".into(),
-                    format!("{:.0} µs", redis.as_secs_f64() * 1e6),
-                    "".into(),
-                    "".into(),
-                ]);
+            for (who, cpu) in [("gateway", Some(r.cpu_per_request)), ("Redis", r.redis_per_request)] {
+                if let Some(cpu) = cpu {
+                    rows.push([format!("{who} CPU per request, {}", r.case), "".into(), us(cpu), "".into(), "".into()]);
+                }
             }
         }
         for r in &self.streaming {
@@ -242,9 +236,9 @@ impl Report {
         if let Some(hop) = &m.hop {
             let _ = writeln!(
                 o,
-                "- one hop between CPU 0 and CPU 1 (a byte there and back over a socket pair, median): {:.0} µs back to back, {:.0} µs after 1 ms idle; {}",
-                hop.busy.as_secs_f64() * 1e6,
-                hop.idle.as_secs_f64() * 1e6,
+                "- one hop between CPU 0 and CPU 1 (a byte there and back over a socket pair, median): {} back to back, {} after 1 ms idle; {}",
+                us(hop.busy),
+                us(hop.idle),
                 match h.placement {
                     Placement::OneCpu => "with --one-cpu only a hop to PostgreSQL (not pinned) can pay it",
                     _ => "every hop between the gateway and the other processes pays it",
@@ -354,11 +348,11 @@ impl Report {
             for r in &self.cpu {
                 let _ = writeln!(
                     o,
-                    "| {} | {} | {:.0} µs | {} | {:.0} | {:.0} | {:.2}× |",
+                    "| {} | {} | {} | {} | {:.0} | {:.0} | {:.2}× |",
                     r.case,
                     r.requests,
-                    r.cpu_per_request.as_secs_f64() * 1e6,
-                    r.redis_per_request.map_or_else(|| "–".to_string(), |d| format!("{:.0} µs", d.as_secs_f64() * 1e6)),
+                    us(r.cpu_per_request),
+                    r.redis_per_request.map_or_else(|| "–".to_string(), us),
                     r.gateway_rps,
                     r.direct_rps,
                     r.gateway_rps / r.direct_rps.max(1e-9)
