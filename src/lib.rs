@@ -50,24 +50,18 @@ pub struct Settings {
     /// The upstream's generation routes, parsed once per change of
     /// `ollama_url` instead of once per request (`None`: it does not parse,
     /// and the request fails as the upstream call would).
-    generation_urls: [Option<reqwest::Url>; 3],
+    generation_urls: [Option<reqwest::Url>; Dialect::ALL.len()],
 }
 
 impl Settings {
     pub fn new(ollama_url: String, default_model: String) -> Settings {
-        let url = |d: Dialect| reqwest::Url::parse(&format!("{ollama_url}{}", d.route())).ok();
-        let generation_urls = [url(Dialect::OllamaChat), url(Dialect::OllamaGenerate), url(Dialect::OpenAiChat)];
+        let generation_urls = Dialect::ALL.map(|d| reqwest::Url::parse(&format!("{ollama_url}{}", d.route())).ok());
         Settings { ollama_url, default_model, generation_urls }
     }
 
     /// The upstream URL a generation request of `dialect` goes to.
     pub fn generation_url(&self, dialect: Dialect) -> Option<&reqwest::Url> {
-        let i = match dialect {
-            Dialect::OllamaChat => 0,
-            Dialect::OllamaGenerate => 1,
-            Dialect::OpenAiChat => 2,
-        };
-        self.generation_urls[i].as_ref()
+        self.generation_urls[dialect as usize].as_ref()
     }
 }
 
@@ -358,5 +352,7 @@ mod tests {
         // A stored value that does not parse leaves the request to fail as
         // the upstream call would.
         assert!(Settings::new("not a url".into(), "m".into()).generation_url(Dialect::OllamaChat).is_none());
+        // `generation_url` indexes by `d as usize`
+        assert!(Dialect::ALL.iter().enumerate().all(|(i, &d)| d as usize == i));
     }
 }

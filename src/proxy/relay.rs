@@ -30,6 +30,9 @@ pub enum Dialect {
 }
 
 impl Dialect {
+    /// Every dialect, in declaration order (`d as usize` is its place).
+    pub const ALL: [Dialect; 3] = [Dialect::OllamaChat, Dialect::OllamaGenerate, Dialect::OpenAiChat];
+
     pub fn route(self) -> &'static str {
         match self {
             Dialect::OllamaChat => "/api/chat",
