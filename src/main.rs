@@ -1,6 +1,36 @@
 use llm_quota::{config::Config, store::Db, telemetry, App};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc: 10 % fewer instructions per request than glibc's malloc,
+/// whose free lists and arena locks were an eighth of the gateway's profile.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Runs before anything allocates (an ELF constructor, ahead of Rust's own
+/// start-up): mimalloc reads `arena_eager_commit` when its first allocation
+/// reserves an arena, and with its default (commit the whole arena up front
+/// on Linux) the pages the tokenizer's start-up scaffolding freed stayed
+/// resident: 32 MiB idle instead of 23.5. The environment variable still
+/// wins when an operator sets it.
+#[cfg(target_os = "linux")]
+#[used]
+#[link_section = ".init_array"]
+static MIMALLOC_OPTIONS: extern "C" fn() = mimalloc_options;
+
+#[cfg(target_os = "linux")]
+extern "C" fn mimalloc_options() {
+    // `mi_option_arena_eager_commit` in mimalloc's v2 and v3 headers (the
+    // Rust bindings do not name it).
+    const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+    // SAFETY: getenv reads the environment without allocating, before any
+    // other thread exists; mi_option_set only stores the value.
+    unsafe {
+        if libc::getenv(c"MIMALLOC_ARENA_EAGER_COMMIT".as_ptr()).is_null() {
+            libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 0);
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     match run().await {
