@@ -201,6 +201,7 @@ fn main() -> ExitCode {
 }
 
 fn run_mock(port: u16) -> ExitCode {
+    mock::warm_up();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     rt.block_on(async { mock::serve(announce(port).await).await });
     ExitCode::SUCCESS
