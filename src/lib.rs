@@ -175,8 +175,9 @@ fn bind(host: std::net::IpAddr, port: u16) -> std::io::Result<TcpListener> {
 /// (`src/main.rs`); glibc's heap is trimmed too, for whatever C code and
 /// test binaries allocate there.
 pub(crate) fn release_freed_memory() {
-    // SAFETY: mi_collect only frees the calling thread's unused pages and
-    // abandoned ones; it is safe from any thread, at any time.
+    // SAFETY: mi_collect is safe from any thread, at any time: it frees the
+    // calling thread's unused pages and purges (decommits) the freed pages
+    // of mimalloc's arenas, program-wide.
     unsafe {
         libmimalloc_sys::mi_collect(true);
     }
