@@ -48,21 +48,31 @@ pub struct Settings {
     pub ollama_url: String,
     pub default_model: String,
     /// The upstream's generation routes, parsed once per change of
-    /// `ollama_url` instead of once per request (`None`: it does not parse,
-    /// and the request fails as the upstream call would).
+    /// `ollama_url` instead of once per request (`None`: it does not parse).
     generation_urls: [Option<reqwest::Url>; Dialect::ALL.len()],
 }
 
 impl Settings {
     pub fn new(ollama_url: String, default_model: String) -> Settings {
-        let generation_urls = Dialect::ALL.map(|d| reqwest::Url::parse(&format!("{ollama_url}{}", d.route())).ok());
+        let generation_urls = Dialect::ALL.map(|d| reqwest::Url::parse(&route_url(&ollama_url, d)).ok());
         Settings { ollama_url, default_model, generation_urls }
     }
 
-    /// The upstream URL a generation request of `dialect` goes to.
-    pub fn generation_url(&self, dialect: Dialect) -> Option<&reqwest::Url> {
-        self.generation_urls[dialect as usize].as_ref()
+    /// A generation request of `dialect` to the upstream. A URL that does
+    /// not parse goes to reqwest as text, which reports it when the request
+    /// is sent, as any unusable upstream URL.
+    pub fn generation_post(&self, http: &reqwest::Client, dialect: Dialect) -> reqwest::RequestBuilder {
+        match &self.generation_urls[dialect as usize] {
+            Some(url) => http.post(url.clone()),
+            None => http.post(route_url(&self.ollama_url, dialect)),
+        }
     }
+}
+
+/// The upstream's URL for `dialect`'s route: the base URL, path prefix
+/// included, then the route.
+fn route_url(ollama_url: &str, dialect: Dialect) -> String {
+    format!("{ollama_url}{}", dialect.route())
 }
 
 pub struct SettingsCache(RwLock<Arc<Settings>>);
@@ -352,15 +362,18 @@ mod tests {
 
     #[test]
     fn generation_urls_keep_the_upstream_path() {
+        let http = reqwest::Client::new();
         let s = Settings::new("http://gpu.internal:8080/ollama".into(), "m".into());
-        let url = |d| s.generation_url(d).map(|u| u.as_str().to_string());
+        let url = |d| s.generation_post(&http, d).build().map(|r| r.url().to_string()).ok();
         assert_eq!(url(Dialect::OllamaChat).as_deref(), Some("http://gpu.internal:8080/ollama/api/chat"));
         assert_eq!(url(Dialect::OllamaGenerate).as_deref(), Some("http://gpu.internal:8080/ollama/api/generate"));
         assert_eq!(url(Dialect::OpenAiChat).as_deref(), Some("http://gpu.internal:8080/ollama/v1/chat/completions"));
-        // A stored value that does not parse leaves the request to fail as
-        // the upstream call would.
-        assert!(Settings::new("not a url".into(), "m".into()).generation_url(Dialect::OllamaChat).is_none());
-        // `generation_url` indexes by `d as usize`
+        // A stored value that does not parse makes a request that fails
+        // when it is built or sent, as the upstream call would.
+        let bad = Settings::new("not a url".into(), "m".into());
+        assert!(bad.generation_urls.iter().all(Option::is_none));
+        assert!(bad.generation_post(&http, Dialect::OllamaChat).build().is_err());
+        // `generation_post` indexes by `d as usize`
         assert!(Dialect::ALL.iter().enumerate().all(|(i, &d)| d as usize == i));
     }
 }

@@ -79,12 +79,12 @@ pub struct Report {
     pub gateway_log: Vec<(String, usize)>,
 }
 
-/// Microseconds as milliseconds, three significant-ish decimals.
 /// A duration as whole microseconds: "176 µs".
 pub fn us(d: Duration) -> String {
     format!("{:.0} µs", d.as_secs_f64() * 1e6)
 }
 
+/// Microseconds as milliseconds, three significant-ish decimals.
 fn ms(us: u64) -> String {
     if us < 10_000 {
         format!("{:.3} ms", us as f64 / 1000.0)

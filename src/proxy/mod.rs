@@ -205,11 +205,7 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
             o.insert("include_usage".into(), Value::Bool(true));
         }
     }
-    let req = match settings.generation_url(dialect) {
-        Some(url) => state.http.post(url.clone()),
-        None => state.http.post(format!("{}{}", settings.ollama_url, dialect.route())),
-    }
-    .json(&body);
+    let req = settings.generation_post(&state.http, dialect).json(&body);
     drop(body);
     let open = state.config.quota_failure_mode == FailureMode::Open;
     let admit = state.quota.admit(&state.db, key.id, key.limits, prompt_tokens);
