@@ -5,10 +5,10 @@
 //! whatever the client does; a client that goes away cancels the upstream
 //! request by dropping it.
 
-use std::time::Instant;
+use std::{borrow::Cow, pin::Pin, time::{Duration, Instant}};
 
 use axum::http::StatusCode;
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -54,7 +54,7 @@ impl Dialect {
 }
 
 /// How long a finished relay waits for the end of the upstream's body.
-const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// One unit of the upstream stream: an NDJSON line or an SSE event's data.
 #[derive(Debug, PartialEq, Eq)]
@@ -67,24 +67,49 @@ enum Frame {
 /// One chunk's JSON, sliced out of the read buffer without a copy.
 #[derive(Debug, PartialEq, Eq)]
 struct Chunk {
-    /// The JSON text, valid UTF-8 (invalid bytes are replaced).
+    /// The JSON text as it arrived, not yet checked to be UTF-8.
     json: Bytes,
-    /// NDJSON: the line as it arrived, line break included, to forward unchanged.
+    /// NDJSON: the line as it arrived, line break included, forwarded
+    /// unchanged when it is valid UTF-8.
     line: Option<Bytes>,
 }
 
 impl Chunk {
-    fn text(&self) -> &str {
-        std::str::from_utf8(&self.json).expect("validated by the framer")
+    /// The JSON text, invalid UTF-8 replaced (a copy only then). The relay
+    /// calls it once per chunk: it is the one UTF-8 check a chunk gets.
+    fn text(&self) -> Cow<'_, str> {
+        // `from_utf8` first: `from_utf8_lossy` has no fast path for text
+        // that is valid, and costs twice as much on it.
+        match std::str::from_utf8(&self.json) {
+            Ok(text) => Cow::Borrowed(text),
+            Err(_) => String::from_utf8_lossy(&self.json),
+        }
     }
 }
 
-/// `bytes` as UTF-8 text, with invalid sequences replaced (a copy only then).
-fn utf8(bytes: Bytes) -> (Bytes, bool) {
-    if std::str::from_utf8(&bytes).is_ok() {
-        return (bytes, true);
+/// `json` as the client gets it: an SSE event's one `data:` line, or an
+/// NDJSON line.
+fn frame(sse: bool, json: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(json.len() + 8);
+    if sse {
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(json);
+        out.extend_from_slice(b"\n\n");
+    } else {
+        out.extend_from_slice(json);
+        out.extend_from_slice(b"\n");
     }
-    (Bytes::from(String::from_utf8_lossy(&bytes).into_owned()), false)
+    out.freeze()
+}
+
+/// An upstream chunk as the client gets it, given its `text`: an NDJSON
+/// line unchanged (a copy only for one with invalid UTF-8, which goes
+/// out replaced), an SSE event as one `data:` line.
+fn forward(sse: bool, chunk: &Chunk, text: &Cow<'_, str>) -> Bytes {
+    match (&chunk.line, text) {
+        (Some(line), Cow::Borrowed(_)) => line.clone(),
+        _ => frame(sse, text.as_bytes()),
+    }
 }
 
 /// Splits a byte stream into frames; holds at most one partial line.
@@ -92,7 +117,8 @@ fn utf8(bytes: Bytes) -> (Bytes, bool) {
 struct Framer {
     sse: bool,
     buf: BytesMut,
-    event: String,
+    /// SSE: the data lines of the event being read.
+    event: Vec<u8>,
 }
 
 impl Framer {
@@ -111,40 +137,94 @@ impl Framer {
 
     fn next_frame(&mut self) -> Option<Frame> {
         while let Some(pos) = memchr::memchr(b'\n', &self.buf) {
-            let raw = self.buf.split_to(pos + 1).freeze();
-            let end = if pos > 0 && raw[pos - 1] == b'\r' { pos - 1 } else { pos };
+            let end = if pos > 0 && self.buf[pos - 1] == b'\r' { pos - 1 } else { pos };
             if !self.sse {
-                let (json, intact) = utf8(raw.slice(..end));
-                let chunk = Chunk { json, line: intact.then_some(raw) };
-                if chunk.text().trim().is_empty() {
+                let raw = self.buf.split_to(pos + 1).freeze();
+                // JSON's whitespace is ASCII.
+                if raw[..end].trim_ascii().is_empty() {
                     continue;
                 }
-                return Some(Frame::Data(chunk));
+                return Some(Frame::Data(Chunk { json: raw.slice(..end), line: Some(raw) }));
             }
-            let line = match std::str::from_utf8(&raw[..end]) {
-                Ok(l) => std::borrow::Cow::Borrowed(l),
-                Err(_) => String::from_utf8_lossy(&raw[..end]),
-            };
-            if line.is_empty() {
+            if end == 0 {
+                self.buf.advance(pos + 1);
                 if self.event.is_empty() {
                     continue;
                 }
                 let data = std::mem::take(&mut self.event);
-                return Some(if data.trim() == "[DONE]" {
+                return Some(if data.trim_ascii() == b"[DONE]" {
                     Frame::Done
                 } else {
                     Frame::Data(Chunk { json: Bytes::from(data), line: None })
                 });
             }
-            if let Some(data) = line.strip_prefix("data:") {
+            if let Some(data) = self.buf[..end].strip_prefix(b"data:") {
                 if !self.event.is_empty() {
-                    self.event.push('\n');
+                    self.event.push(b'\n');
                 }
-                self.event.push_str(data.strip_prefix(' ').unwrap_or(data));
+                self.event.extend_from_slice(data.strip_prefix(b" ").unwrap_or(data));
             }
             // comments (":…"), `event:`, `id:` and `retry:` lines carry nothing we relay
+            self.buf.advance(pos + 1);
         }
         None
+    }
+}
+
+/// What one read of the upstream's body brought.
+enum Read {
+    Bytes(Bytes),
+    End,
+    Broke(reqwest::Error),
+    /// Nothing for the idle limit.
+    Idle,
+}
+
+/// The upstream's body, read with an idle limit that costs no timer per
+/// read: one timer, moved on only when it fires before the limit is up.
+struct Reader {
+    body: reqwest::Response,
+    limit: Duration,
+    heard: tokio::time::Instant,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Reader {
+    fn new(body: reqwest::Response, limit: Duration) -> Reader {
+        let heard = tokio::time::Instant::now();
+        Reader { body, limit, heard, timer: Box::pin(tokio::time::sleep_until(heard + limit)) }
+    }
+
+    fn got(&mut self, read: Result<Option<Bytes>, reqwest::Error>) -> Read {
+        self.heard = tokio::time::Instant::now();
+        match read {
+            Ok(Some(bytes)) => Read::Bytes(bytes),
+            Ok(None) => Read::End,
+            Err(e) => Read::Broke(e),
+        }
+    }
+
+    /// The next read if the upstream's body already holds it.
+    fn ready(&mut self) -> Option<Read> {
+        // Reading the body is cancel-safe: a read not finished loses nothing.
+        let read = self.body.chunk().now_or_never()?;
+        Some(self.got(read))
+    }
+
+    async fn next(&mut self) -> Read {
+        loop {
+            tokio::select! {
+                biased;
+                read = self.body.chunk() => return self.got(read),
+                () = &mut self.timer => {
+                    let due = self.heard + self.limit;
+                    if tokio::time::Instant::now() >= due {
+                        return Read::Idle;
+                    }
+                    self.timer.as_mut().reset(due);
+                }
+            }
+        }
     }
 }
 
@@ -235,6 +315,36 @@ struct Run {
     final_chunk: Option<Value>,
     /// OpenAI: a `finish_reason` arrived (a missing `[DONE]` is forgiven).
     saw_finish: bool,
+    /// Streaming: frames not yet handed to the client.
+    outbox: Outbox,
+}
+
+/// What the relay has for a streaming client and not yet handed on. The
+/// frames of one upstream read go out together, in one piece: one channel
+/// send and one socket write for however many frames the read held (a
+/// fast upstream, or a gateway that fell behind, sends several at once).
+#[derive(Debug, Default)]
+struct Outbox {
+    /// A lone frame goes out as it is, without a copy.
+    first: Option<Bytes>,
+    more: BytesMut,
+}
+
+impl Outbox {
+    fn push(&mut self, bytes: Bytes) {
+        if self.first.is_none() && self.more.is_empty() {
+            self.first = Some(bytes);
+            return;
+        }
+        if let Some(first) = self.first.take() {
+            self.more.extend_from_slice(&first);
+        }
+        self.more.extend_from_slice(&bytes);
+    }
+
+    fn take(&mut self) -> Option<Bytes> {
+        self.first.take().or_else(|| (!self.more.is_empty()).then(|| self.more.split().freeze()))
+    }
 }
 
 impl RelayJob {
@@ -250,27 +360,42 @@ impl RelayJob {
             final_chunk: None,
             saw_finish: false,
             error_forwarded: false,
+            outbox: Outbox::default(),
         };
         let mut framer = Framer { sse: self.meta.dialect.is_sse(), ..Default::default() };
-        let mut upstream = upstream;
+        let mut upstream = Reader::new(upstream, idle);
         while run.outcome.is_none() {
             let frame = match framer.next_frame() {
                 Some(f) => Some(f),
-                None => match tokio::time::timeout(idle, upstream.chunk()).await {
-                    Ok(Ok(Some(bytes))) => {
-                        framer.push(&bytes);
-                        continue;
+                None => {
+                    let read = match upstream.ready() {
+                        Some(read) => read,
+                        None => {
+                            // Nothing more has come: what is queued goes
+                            // out before the wait.
+                            self.flush(&mut run).await;
+                            if run.outcome.is_some() {
+                                break;
+                            }
+                            upstream.next().await
+                        }
+                    };
+                    match read {
+                        Read::Bytes(bytes) => {
+                            framer.push(&bytes);
+                            continue;
+                        }
+                        Read::End => framer.finish(),
+                        Read::Broke(e) => {
+                            run.fail(format!("upstream stream broke: {e}"));
+                            None
+                        }
+                        Read::Idle => {
+                            run.fail(format!("upstream sent nothing for {idle:?}"));
+                            None
+                        }
                     }
-                    Ok(Ok(None)) => framer.finish(),
-                    Ok(Err(e)) => {
-                        run.fail(format!("upstream stream broke: {e}"));
-                        None
-                    }
-                    Err(_) => {
-                        run.fail(format!("upstream sent nothing for {idle:?}"));
-                        None
-                    }
-                },
+                }
             };
             match frame {
                 Some(frame) => self.handle(&mut run, frame).await,
@@ -291,7 +416,7 @@ impl RelayJob {
             // dropped unread, it would be closed, and the next request would
             // open a new one (a TCP handshake with the upstream).
             let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
-                while let Ok(Some(_)) = upstream.chunk().await {}
+                while let Ok(Some(_)) = upstream.body.chunk().await {}
             })
             .await;
         }
@@ -304,40 +429,31 @@ impl RelayJob {
         }
     }
 
-    async fn send(&mut self, run: &mut Run, bytes: Bytes) {
-        if let Sink::Stream(tx) = &self.sink {
-            if tx.send(Ok(bytes)).await.is_err() {
-                run.outcome = Some(Outcome::Disconnect);
-            }
+    /// Queues bytes for a streaming client; `flush` hands them on.
+    fn send(&self, run: &mut Run, bytes: Bytes) {
+        if let Sink::Stream(_) = &self.sink {
+            run.outbox.push(bytes);
+        }
+    }
+
+    /// Hands what is queued to a streaming client, as one piece. A client
+    /// that has gone turns a completion still under way (or just
+    /// complete) into a disconnect.
+    async fn flush(&self, run: &mut Run) {
+        let (Sink::Stream(tx), Some(bytes)) = (&self.sink, run.outbox.take()) else { return };
+        if tx.send(Ok(bytes)).await.is_err() && matches!(run.outcome, None | Some(Outcome::Complete)) {
+            run.outcome = Some(Outcome::Disconnect);
         }
     }
 
     fn frame_bytes(&self, json: &str) -> Bytes {
-        let mut out = BytesMut::with_capacity(json.len() + 8);
-        if self.meta.dialect.is_sse() {
-            out.extend_from_slice(b"data: ");
-            out.extend_from_slice(json.as_bytes());
-            out.extend_from_slice(b"\n\n");
-        } else {
-            out.extend_from_slice(json.as_bytes());
-            out.extend_from_slice(b"\n");
-        }
-        out.freeze()
-    }
-
-    /// An upstream chunk as the client gets it: an NDJSON line unchanged,
-    /// an SSE event as one `data:` line.
-    fn forward_bytes(&self, chunk: &Chunk) -> Bytes {
-        match &chunk.line {
-            Some(line) => line.clone(),
-            None => self.frame_bytes(chunk.text()),
-        }
+        frame(self.meta.dialect.is_sse(), json.as_bytes())
     }
 
     async fn handle(&mut self, run: &mut Run, frame: Frame) {
         let data = match frame {
             Frame::Done => {
-                self.send(run, Bytes::from_static(b"data: [DONE]\n\n")).await;
+                self.send(run, Bytes::from_static(b"data: [DONE]\n\n"));
                 run.outcome.get_or_insert(Outcome::Complete);
                 return;
             }
@@ -349,15 +465,15 @@ impl RelayJob {
         // OpenAI chunk, usage, tool calls, errors, a final Ollama chunk
         // that shapes a non-stream answer) as a `Value`.
         let parsed = match self.meta.dialect {
-            Dialect::OpenAiChat if !run.openai.meta.id.is_empty() => openai::Plain::parse(text).map(Parsed::OpenAi),
+            Dialect::OpenAiChat if !run.openai.meta.id.is_empty() => openai::Plain::parse(&text).map(Parsed::OpenAi),
             Dialect::OllamaChat | Dialect::OllamaGenerate => {
-                ollama::Plain::parse(text).filter(|p| !(whole && p.is_final())).map(Parsed::Ollama)
+                ollama::Plain::parse(&text).filter(|p| !(whole && p.is_final())).map(Parsed::Ollama)
             }
             Dialect::OpenAiChat => None,
         };
         let parsed = match parsed {
             Some(p) => p,
-            None => match serde_json::from_str::<Value>(text) {
+            None => match serde_json::from_str::<Value>(&text) {
                 Ok(v) => Parsed::Value(v),
                 Err(_) => {
                     run.fail("upstream sent a chunk that is not JSON".into());
@@ -373,8 +489,8 @@ impl RelayJob {
                     .or_else(|| err.get("message").and_then(Value::as_str).map(str::to_string))
                     .unwrap_or_else(|| err.to_string());
                 // Pass the upstream's own error line on to a streaming client.
-                let bytes = self.forward_bytes(&data);
-                self.send(run, bytes).await;
+                let bytes = forward(self.meta.dialect.is_sse(), &data, &text);
+                self.send(run, bytes);
                 run.error_forwarded = true;
                 run.fail(msg);
                 return;
@@ -389,15 +505,20 @@ impl RelayJob {
             let need = self.reservation.prompt_tokens + run.metered + n;
             if need > self.reservation.held {
                 let short = need - self.reservation.held;
+                // What is ready goes out before the store round trip.
+                self.flush(run).await;
+                if run.outcome.is_some() {
+                    return;
+                }
                 match self.state.quota.lease(&mut self.reservation, short).await {
                     Ok(_) if self.reservation.held >= need => {}
                     Ok(_) => {
-                        self.end_at_quota(run).await;
+                        self.end_at_quota(run);
                         return;
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "lease failed; ending the completion");
-                        self.end_at_quota(run).await;
+                        self.end_at_quota(run);
                         return;
                     }
                 }
@@ -425,8 +546,8 @@ impl RelayJob {
                 if usage_only && !self.client_wants_usage {
                     // asked for by the gateway, not by the client
                 } else if !whole {
-                    let bytes = self.forward_bytes(&data);
-                    self.send(run, bytes).await;
+                    let bytes = forward(self.meta.dialect.is_sse(), &data, &text);
+                    self.send(run, bytes);
                 } else {
                     match &parsed {
                         Parsed::Value(v) => run.openai.push(v),
@@ -445,8 +566,8 @@ impl RelayJob {
                     run.upstream_usage = Some(u);
                 }
                 if !whole {
-                    let bytes = self.forward_bytes(&data);
-                    self.send(run, bytes).await;
+                    let bytes = forward(self.meta.dialect.is_sse(), &data, &text);
+                    self.send(run, bytes);
                 } else {
                     match parsed {
                         Parsed::Value(v) if is_final => run.final_chunk = Some(v),
@@ -467,7 +588,7 @@ impl RelayJob {
 
     /// The key has nothing left: end the completion the way the protocol
     /// ends one that ran out of `max_tokens`.
-    async fn end_at_quota(&mut self, run: &mut Run) {
+    fn end_at_quota(&self, run: &mut Run) {
         run.outcome = Some(Outcome::Quota);
         ::metrics::counter!(metrics::STREAMS_ENDED_AT_QUOTA, "route" => self.meta.dialect.route()).increment(1);
         let (prompt, completion) = (self.reservation.prompt_tokens, run.metered);
@@ -488,17 +609,13 @@ impl RelayJob {
                 }
             };
             for f in frames {
-                self.send(run, f).await;
-            }
-            if run.outcome == Some(Outcome::Disconnect) {
-                run.outcome = Some(Outcome::Quota);
+                self.send(run, f);
             }
         }
     }
 
-    async fn finish(mut self, mut run: Run) {
-        let outcome = run.outcome.unwrap_or(Outcome::UpstreamError);
-        if outcome == Outcome::UpstreamError && !run.error_forwarded {
+    async fn finish(self, mut run: Run) {
+        if run.outcome.unwrap_or(Outcome::UpstreamError) == Outcome::UpstreamError && !run.error_forwarded {
             // A stream that broke off gets an error in its protocol, so the
             // client can tell it from a complete answer.
             let msg = run.error.clone().unwrap_or_else(|| "upstream error".into());
@@ -507,8 +624,10 @@ impl RelayJob {
                 _ => json!({"error": msg}),
             };
             let bytes = self.frame_bytes(&frame.to_string());
-            self.send(&mut run, bytes).await;
+            self.send(&mut run, bytes);
         }
+        self.flush(&mut run).await;
+        let outcome = run.outcome.unwrap_or(Outcome::UpstreamError);
         let refund = outcome == Outcome::UpstreamError && run.metered == 0;
         let (prompt, completion) = match (outcome, run.upstream_usage) {
             _ if refund => (0, 0),
@@ -624,13 +743,48 @@ mod tests {
         let out = frames(false, &[&b"{\"a\":\"\xff\"}\n"[..]]);
         let Frame::Data(c) = &out[0] else { panic!("{out:?}") };
         assert_eq!(c.text(), "{\"a\":\"\u{fffd}\"}");
-        assert_eq!(c.line, None);
+        assert_eq!(forward(false, c, &c.text()), "{\"a\":\"\u{fffd}\"}\n");
+        // in SSE too: the event's data is checked once, as a whole
+        let out = frames(true, &[&b"data: {\"a\":\"\xe2\x82\"}\n\n"[..]]);
+        let Frame::Data(c) = &out[0] else { panic!("{out:?}") };
+        assert_eq!(forward(true, c, &c.text()), "data: {\"a\":\"\u{fffd}\"}\n\n");
     }
 
-    fn texts(frames: &[Frame]) -> Vec<&str> {
+    #[test]
+    fn valid_lines_are_forwarded_without_a_copy() {
+        let out = frames(false, &["{\"a\":\"é\"}\r\n"]);
+        let Frame::Data(c) = &out[0] else { panic!("{out:?}") };
+        let sent = forward(false, c, &c.text());
+        assert_eq!(sent, "{\"a\":\"é\"}\r\n");
+        assert_eq!(sent.as_ptr(), c.line.as_ref().unwrap().as_ptr(), "the line itself, not a copy");
+        let out = frames(true, &["data: {\"a\":1}\r\ndata: {\"b\":2}\r\n\r\n"]);
+        let Frame::Data(c) = &out[0] else { panic!("{out:?}") };
+        assert_eq!(forward(true, c, &c.text()), "data: {\"a\":1}\n{\"b\":2}\n\n");
+    }
+
+    #[test]
+    fn outbox_sends_what_it_holds_in_order_and_in_one_piece() {
+        let mut o = Outbox::default();
+        assert_eq!(o.take(), None);
+        let one = Bytes::from("a\n");
+        o.push(one.clone());
+        let taken = o.take().unwrap();
+        assert_eq!(taken.as_ptr(), one.as_ptr(), "a lone frame is not copied");
+        assert_eq!(o.take(), None);
+        for part in ["a\n", "bb\n", "ccc\n"] {
+            o.push(Bytes::from(part));
+        }
+        assert_eq!(o.take().unwrap(), "a\nbb\nccc\n");
+        assert_eq!(o.take(), None);
+        o.push(Bytes::from("d\n"));
+        o.push(Bytes::from("e\n"));
+        assert_eq!(o.take().unwrap(), "d\ne\n");
+    }
+
+    fn texts(frames: &[Frame]) -> Vec<Cow<'_, str>> {
         frames.iter().map(|f| match f {
             Frame::Data(c) => c.text(),
-            Frame::Done => "[DONE]",
+            Frame::Done => "[DONE]".into(),
         }).collect()
     }
 }
