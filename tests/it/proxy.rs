@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::{
     common::{chat, ndjson, sse, Options, TestApp},
-    mock::{reply_text, Failure},
+    mock::{reply_text, reply_word, Failure},
 };
 
 const MODEL: &str = "llama3.2:latest";
@@ -367,6 +367,40 @@ async fn an_error_mid_stream_is_passed_on_and_charged_for_what_was_delivered() {
     assert_eq!(s, 502);
     assert_eq!(v["error"]["type"], "api_error");
     assert_eq!(app.key_info(id).await["requests_today"], 1);
+}
+
+#[tokio::test]
+async fn a_quiet_upstream_is_cut_off_at_the_idle_limit_and_a_slow_steady_one_is_not() {
+    let app = TestApp::spawn_with(Options::default().env("UPSTREAM_IDLE_TIMEOUT", "300ms")).await;
+    let (id, key) = app.key("k").await;
+
+    // 8 gaps of 100 ms: the stream outlasts the limit, but no gap reaches it
+    app.mock.state.set_reply_tokens(8);
+    app.mock.state.set_chunk_delay(Duration::from_millis(100));
+    let lines = ndjson(&app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap().text().await.unwrap());
+    assert_eq!(lines.len(), 9, "{lines:?}");
+    assert_eq!(lines[8]["done"], true);
+    assert!(lines.iter().all(|l| l.get("error").is_none()), "{lines:?}");
+
+    // a gap past the limit: the stream ends with an error line after the first chunk
+    app.mock.state.set_chunk_delay(Duration::from_secs(3));
+    let lines = ndjson(&app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap().text().await.unwrap());
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["message"]["content"], reply_word(0));
+    assert!(lines[1]["error"].as_str().unwrap().contains("upstream sent nothing for 300ms"), "{lines:?}");
+    app.mock.state.wait_for_cancelled(1).await;
+
+    // a non-stream client gets a 502 in its protocol
+    let (s, v) = status_and_json(app.post("/v1/chat/completions", &key, chat(MODEL, "hi")).send().await.unwrap()).await;
+    assert_eq!(s, 502, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("sent nothing"), "{v}");
+    app.mock.state.wait_for_cancelled(2).await;
+
+    // the cut-off stream had delivered a word, so it counts; the OpenAI
+    // one had only its role chunk (no tokens), so it is refunded
+    app.settled().await;
+    let info = app.key_info(id).await;
+    assert_eq!(info["requests_today"], 2, "{info}");
 }
 
 #[tokio::test]
