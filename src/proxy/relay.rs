@@ -1,11 +1,15 @@
 //! The relay: reads the upstream's stream frame by frame, meters every
 //! completion token against the reservation (growing it by leases), and
-//! either forwards each frame as it arrives or assembles the single
-//! non-stream answer. It runs in its own task so that settlement happens
-//! whatever the client does; a client that goes away cancels the upstream
-//! request by dropping it.
+//! either forwards the frames as they arrive (those that came together,
+//! together) or assembles the single non-stream answer. It runs in its
+//! own task so that settlement happens whatever the client does; a client
+//! that goes away cancels the upstream request by dropping it.
 
-use std::{borrow::Cow, pin::Pin, time::{Duration, Instant}};
+use std::{
+    borrow::Cow,
+    pin::Pin,
+    time::{Duration, Instant},
+};
 
 use axum::http::StatusCode;
 use bytes::{Buf, Bytes, BytesMut};
