@@ -189,18 +189,15 @@ enum Read {
 struct Reader {
     body: reqwest::Response,
     limit: Duration,
-    heard: tokio::time::Instant,
     timer: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Reader {
     fn new(body: reqwest::Response, limit: Duration) -> Reader {
-        let heard = tokio::time::Instant::now();
-        Reader { body, limit, heard, timer: Box::pin(tokio::time::sleep_until(heard + limit)) }
+        Reader { body, limit, timer: Box::pin(tokio::time::sleep(limit)) }
     }
 
-    fn got(&mut self, read: Result<Option<Bytes>, reqwest::Error>) -> Read {
-        self.heard = tokio::time::Instant::now();
+    fn read(read: Result<Option<Bytes>, reqwest::Error>) -> Read {
         match read {
             Ok(Some(bytes)) => Read::Bytes(bytes),
             Ok(None) => Read::End,
@@ -211,17 +208,18 @@ impl Reader {
     /// The next read if the upstream's body already holds it.
     fn ready(&mut self) -> Option<Read> {
         // Reading the body is cancel-safe: a read not finished loses nothing.
-        let read = self.body.chunk().now_or_never()?;
-        Some(self.got(read))
+        self.body.chunk().now_or_never().map(Reader::read)
     }
 
+    /// The next read, or `Idle` when the upstream sends nothing for the
+    /// limit from now.
     async fn next(&mut self) -> Read {
+        let due = tokio::time::Instant::now() + self.limit;
         loop {
             tokio::select! {
                 biased;
-                read = self.body.chunk() => return self.got(read),
+                read = self.body.chunk() => return Reader::read(read),
                 () = &mut self.timer => {
-                    let due = self.heard + self.limit;
                     if tokio::time::Instant::now() >= due {
                         return Read::Idle;
                     }
@@ -324,9 +322,10 @@ struct Run {
 }
 
 /// What the relay has for a streaming client and not yet handed on. The
-/// frames of one upstream read go out together, in one piece: one channel
-/// send and one socket write for however many frames the read held (a
-/// fast upstream, or a gateway that fell behind, sends several at once).
+/// frames that are there when the relay would wait for the upstream go
+/// out together, in one piece: one channel send and one socket write for
+/// however many there are (a fast upstream, or a gateway that fell
+/// behind, has several at once).
 #[derive(Debug, Default)]
 struct Outbox {
     /// A lone frame goes out as it is, without a copy.
