@@ -371,7 +371,7 @@ async fn an_error_mid_stream_is_passed_on_and_charged_for_what_was_delivered() {
 
 #[tokio::test]
 async fn a_quiet_upstream_is_cut_off_at_the_idle_limit_and_a_slow_steady_one_is_not() {
-    let app = TestApp::spawn_with(Options::default().env("UPSTREAM_IDLE_TIMEOUT", "300ms")).await;
+    let app = TestApp::spawn_with(Options::default().env("UPSTREAM_IDLE_TIMEOUT", "500ms")).await;
     let (id, key) = app.key("k").await;
 
     // 8 gaps of 100 ms: the stream outlasts the limit, but no gap reaches it
@@ -387,7 +387,7 @@ async fn a_quiet_upstream_is_cut_off_at_the_idle_limit_and_a_slow_steady_one_is_
     let lines = ndjson(&app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap().text().await.unwrap());
     assert_eq!(lines.len(), 2, "{lines:?}");
     assert_eq!(lines[0]["message"]["content"], reply_word(0));
-    assert!(lines[1]["error"].as_str().unwrap().contains("upstream sent nothing for 300ms"), "{lines:?}");
+    assert!(lines[1]["error"].as_str().unwrap().contains("upstream sent nothing for 500ms"), "{lines:?}");
     app.mock.state.wait_for_cancelled(1).await;
 
     // a non-stream client gets a 502 in its protocol
