@@ -220,11 +220,14 @@ fn stream_response(content_type: &'static str, knobs: Knobs, mut records: Record
         full(all)
     } else {
         let gap = Duration::from_millis(knobs.gap_ms);
+        // The body ends right after the last record, as a server's does
+        // when its handler returns: waiting a gap first would hold the
+        // connection (and the next request on it) for one more gap.
         let s = futures_util::stream::unfold((0usize, records), move |(i, mut records)| async move {
+            let r = records(i)?;
             if i > 0 {
                 tokio::time::sleep(gap).await;
             }
-            let r = records(i)?;
             Some((Ok::<_, Infallible>(Frame::data(Bytes::from(r))), (i + 1, records)))
         });
         StreamBody::new(s).boxed_unsync()
