@@ -109,6 +109,7 @@ fn frame(sse: bool, json: &[u8]) -> Bytes {
 /// An upstream chunk as the client gets it, given its `text`: an NDJSON
 /// line unchanged (a copy only for one with invalid UTF-8, which goes
 /// out replaced), an SSE event as one `data:` line.
+#[allow(clippy::ptr_arg, reason = "the `Cow`'s variant tells whether the line arrived intact")]
 fn forward(sse: bool, chunk: &Chunk, text: &Cow<'_, str>) -> Bytes {
     match (&chunk.line, text) {
         (Some(line), Cow::Borrowed(_)) => line.clone(),
