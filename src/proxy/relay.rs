@@ -68,7 +68,8 @@ enum Frame {
     Done,
 }
 
-/// One chunk's JSON, sliced out of the read buffer without a copy.
+/// One chunk's JSON: for NDJSON a slice of the read buffer, for SSE the
+/// event's data lines joined.
 #[derive(Debug, PartialEq, Eq)]
 struct Chunk {
     /// The JSON text as it arrived, not yet checked to be UTF-8.
@@ -107,12 +108,13 @@ fn frame(sse: bool, json: &[u8]) -> Bytes {
 }
 
 /// An upstream chunk as the client gets it, given its `text`: an NDJSON
-/// line unchanged (a copy only for one with invalid UTF-8, which goes
-/// out replaced), an SSE event as one `data:` line.
-#[allow(clippy::ptr_arg, reason = "the `Cow`'s variant tells whether the line arrived intact")]
-fn forward(sse: bool, chunk: &Chunk, text: &Cow<'_, str>) -> Bytes {
-    match (&chunk.line, text) {
-        (Some(line), Cow::Borrowed(_)) => line.clone(),
+/// line unchanged, an SSE event as one `data:` line. A line with invalid
+/// UTF-8 goes out as its replaced `text` (which then is a copy, not a view
+/// of the line).
+fn forward(sse: bool, chunk: &Chunk, text: &str) -> Bytes {
+    match &chunk.line {
+        // `text` is a view of the chunk's own bytes exactly when they were valid.
+        Some(line) if std::ptr::eq(text.as_ptr(), chunk.json.as_ptr()) => line.clone(),
         _ => frame(sse, text.as_bytes()),
     }
 }
@@ -450,6 +452,11 @@ impl RelayJob {
         }
     }
 
+    /// Queues an upstream chunk as the client gets it (see `forward`).
+    fn send_chunk(&self, run: &mut Run, chunk: &Chunk, text: &str) {
+        self.send(run, forward(self.meta.dialect.is_sse(), chunk, text));
+    }
+
     fn frame_bytes(&self, json: &str) -> Bytes {
         frame(self.meta.dialect.is_sse(), json.as_bytes())
     }
@@ -493,8 +500,7 @@ impl RelayJob {
                     .or_else(|| err.get("message").and_then(Value::as_str).map(str::to_string))
                     .unwrap_or_else(|| err.to_string());
                 // Pass the upstream's own error line on to a streaming client.
-                let bytes = forward(self.meta.dialect.is_sse(), &data, &text);
-                self.send(run, bytes);
+                self.send_chunk(run, &data, &text);
                 run.error_forwarded = true;
                 run.fail(msg);
                 return;
@@ -550,8 +556,7 @@ impl RelayJob {
                 if usage_only && !self.client_wants_usage {
                     // asked for by the gateway, not by the client
                 } else if !whole {
-                    let bytes = forward(self.meta.dialect.is_sse(), &data, &text);
-                    self.send(run, bytes);
+                    self.send_chunk(run, &data, &text);
                 } else {
                     match &parsed {
                         Parsed::Value(v) => run.openai.push(v),
@@ -570,8 +575,7 @@ impl RelayJob {
                     run.upstream_usage = Some(u);
                 }
                 if !whole {
-                    let bytes = forward(self.meta.dialect.is_sse(), &data, &text);
-                    self.send(run, bytes);
+                    self.send_chunk(run, &data, &text);
                 } else {
                     match parsed {
                         Parsed::Value(v) if is_final => run.final_chunk = Some(v),
