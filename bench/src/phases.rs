@@ -306,7 +306,14 @@ async fn open_loop(loader: &Loader, t: &Target, api: Api, body: &Bytes, rate: f6
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
     // Start times in the trace are relative to the first level's first round.
-    let epoch = *TRACE_EPOCH.get_or_init(|| start);
+    let epoch = *TRACE_EPOCH.get_or_init(|| {
+        if loader.trace.is_some() {
+            // To line the trace up with other recordings of the same run.
+            let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            eprintln!("bench: trace start_ms 0 is unix time {:.3} s", unix.as_secs_f64());
+        }
+        start
+    });
     loop {
         tokio::select! {
             biased;

@@ -59,7 +59,7 @@ pub struct Flusher {
     quota: Quota,
     rx: mpsc::UnboundedReceiver<UsageEvent>,
     pending: Vec<UsageEvent>,
-    log: Option<UsageLog>,
+    log: Option<Arc<UsageLog>>,
     retention: Duration,
     last_prune: Option<Instant>,
 }
@@ -72,7 +72,7 @@ impl Flusher {
             quota,
             rx,
             pending: Vec::new(),
-            log: log_file.map(|path| UsageLog { path, max_bytes: 10 * 1024 * 1024, backups: 5 }),
+            log: log_file.map(|path| Arc::new(UsageLog { path, max_bytes: 10 * 1024 * 1024, backups: 5 })),
             retention,
             last_prune: None,
         };
@@ -95,7 +95,18 @@ impl Flusher {
             fresh.push(e);
         }
         if let Some(log) = &self.log {
-            if let Err(e) = log.append(&fresh) {
+            // Serialising and writing the lines takes about 1 µs an event
+            // (20 ms a round at 4000 requests/s): off the runtime's threads,
+            // so requests are not held up behind it.
+            let writer = Arc::clone(log);
+            let written;
+            (fresh, written) = tokio::task::spawn_blocking(move || {
+                let written = writer.append(&fresh);
+                (fresh, written)
+            })
+            .await
+            .expect("writing the usage log does not panic");
+            if let Err(e) = written {
                 tracing::warn!(error = %e, path = %log.path.display(), "could not write the usage log");
             }
         }
