@@ -4,7 +4,7 @@
 
 use std::{borrow::Cow, collections::BTreeMap};
 
-use serde::{de::IgnoredAny, Deserialize};
+use serde::{de::IgnoredAny, Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::ollama::{object, Obj};
@@ -242,41 +242,84 @@ impl Assembler {
 
     /// The `chat.completion`; `ended_at_quota` sets `finish_reason: "length"`
     /// and `fallback_usage` fills `usage` when the upstream sent none.
-    pub fn finish(mut self, ended_at_quota: bool, fallback_usage: (u64, u64)) -> Value {
+    pub fn finish(mut self, ended_at_quota: bool, fallback_usage: (u64, u64)) -> Completion {
         if self.choices.is_empty() {
             self.choices.insert(0, Choice::default());
         }
-        let choices: Vec<Value> = self
+        let choices = self
             .choices
             .into_iter()
-            .map(|(idx, c)| {
-                let mut msg = Map::new();
-                msg.insert("role".into(), json!(c.role.unwrap_or_else(|| "assistant".into())));
-                msg.insert("content".into(), c.content.map_or(Value::Null, Value::String));
-                if let Some(r) = c.reasoning {
-                    msg.insert("reasoning_content".into(), Value::String(r));
-                }
-                if !c.tool_calls.is_empty() {
-                    let calls: Vec<Value> = c
+            .map(|(index, c)| CompletionChoice {
+                index,
+                message: Message {
+                    role: c.role.unwrap_or_else(|| "assistant".into()),
+                    content: c.content,
+                    reasoning_content: c.reasoning,
+                    tool_calls: c
                         .tool_calls
                         .into_values()
-                        .map(|(id, ty, name, args)| json!({"id": id, "type": ty, "function": {"name": name, "arguments": args}}))
-                        .collect();
-                    msg.insert("tool_calls".into(), Value::Array(calls));
-                }
-                let finish = if ended_at_quota { json!("length") } else { c.finish_reason };
-                json!({"index": idx, "message": Value::Object(msg), "logprobs": null, "finish_reason": finish})
+                        .map(|(id, kind, name, arguments)| ToolCall { id, kind, function: Function { name, arguments } })
+                        .collect(),
+                },
+                logprobs: None,
+                finish_reason: if ended_at_quota { Value::from("length") } else { c.finish_reason },
             })
             .collect();
-        let mut out = self.meta.base("chat.completion");
-        out.insert("choices".into(), Value::Array(choices));
         let usage = match (ended_at_quota, self.usage) {
             (false, Some(u)) => u,
             _ => usage_object(fallback_usage.0, fallback_usage.1),
         };
-        out.insert("usage".into(), usage);
-        Value::Object(out)
+        let Meta { id, created, model, system_fingerprint } = self.meta;
+        Completion { id, object: "chat.completion", created, model, system_fingerprint, choices, usage }
     }
+}
+
+/// The non-stream answer, `chat.completion`, in OpenAI's field order;
+/// serialised straight from these types, without a `Value` tree.
+#[derive(Debug, PartialEq, Serialize)]
+pub struct Completion {
+    id: String,
+    object: &'static str,
+    created: i64,
+    model: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system_fingerprint: Option<Value>,
+    choices: Vec<CompletionChoice>,
+    /// The upstream's own usage object (any extra fields kept), or the
+    /// gateway's count.
+    usage: Value,
+}
+
+#[derive(Debug, PartialEq, Serialize)]
+struct CompletionChoice {
+    index: u64,
+    message: Message,
+    logprobs: Option<Value>,
+    finish_reason: Value,
+}
+
+#[derive(Debug, PartialEq, Serialize)]
+struct Message {
+    role: String,
+    content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<ToolCall>,
+}
+
+#[derive(Debug, PartialEq, Serialize)]
+struct ToolCall {
+    id: Value,
+    #[serde(rename = "type")]
+    kind: String,
+    function: Function,
+}
+
+#[derive(Debug, PartialEq, Serialize)]
+struct Function {
+    name: String,
+    arguments: String,
 }
 
 #[cfg(test)]
@@ -293,7 +336,7 @@ mod tests {
         a.push(&json!({"id": "c1", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "\"Tokyo\"}"}}]}}]}));
         a.push(&json!({"id": "c1", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}));
         a.push(&json!({"id": "c1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}));
-        let out = a.finish(false, (0, 0));
+        let out = serde_json::to_value(a.finish(false, (0, 0))).unwrap();
         assert_eq!(out["object"], "chat.completion");
         assert_eq!(out["id"], "c1");
         let call = &out["choices"][0]["message"]["tool_calls"][0];
@@ -304,11 +347,46 @@ mod tests {
         assert_eq!(out["usage"]["total_tokens"], 7);
     }
 
+    /// The answer's bytes, field order included: what clients that compare
+    /// or hash responses see (reasoning, tool calls, a fingerprint, and the
+    /// upstream's usage object with a field the gateway does not know).
+    #[test]
+    fn completion_serialises_in_openai_field_order() {
+        let mut a = Assembler::default();
+        a.push(&json!({"id": "c1", "object": "chat.completion.chunk", "created": 5, "model": "m", "system_fingerprint": "fp",
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi", "reasoning_content": "hm"}, "finish_reason": null}]}));
+        a.push(&json!({"id": "c1", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+            "function": {"name": "f", "arguments": "{}"}}]}}]}));
+        a.push(&json!({"id": "c1", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}));
+        a.push(&json!({"id": "c1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
+            "prompt_tokens_details": {"cached_tokens": 0}}}));
+        assert_eq!(
+            serde_json::to_string(&a.finish(false, (0, 0))).unwrap(),
+            concat!(
+                r#"{"id":"c1","object":"chat.completion","created":5,"model":"m","system_fingerprint":"fp","#,
+                r#""choices":[{"index":0,"message":{"role":"assistant","content":"Hi","reasoning_content":"hm","#,
+                r#""tool_calls":[{"id":"call_1","type":"function","function":{"name":"f","arguments":"{}"}}]},"#,
+                r#""logprobs":null,"finish_reason":"tool_calls"}],"#,
+                r#""usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7,"prompt_tokens_details":{"cached_tokens":0}}}"#
+            )
+        );
+        let mut plain = Assembler::default();
+        plain.push(&json!({"id": "c2", "created": 6, "model": "m", "choices": [{"index": 0, "delta": {"content": "x"}}]}));
+        assert_eq!(
+            serde_json::to_string(&plain.finish(true, (2, 1))).unwrap(),
+            concat!(
+                r#"{"id":"c2","object":"chat.completion","created":6,"model":"m","#,
+                r#""choices":[{"index":0,"message":{"role":"assistant","content":"x"},"logprobs":null,"finish_reason":"length"}],"#,
+                r#""usage":{"prompt_tokens":2,"completion_tokens":1,"total_tokens":3}}"#
+            )
+        );
+    }
+
     #[test]
     fn quota_end_reports_length_and_gateway_usage() {
         let mut a = Assembler::default();
         a.push(&json!({"id": "c", "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": null}]}));
-        let out = a.finish(true, (2, 1));
+        let out = serde_json::to_value(a.finish(true, (2, 1))).unwrap();
         assert_eq!(out["choices"][0]["finish_reason"], "length");
         assert_eq!(out["choices"][0]["message"]["content"], "Hi");
         assert_eq!(out["usage"]["completion_tokens"], 1);

@@ -263,7 +263,15 @@ impl Outcome {
 /// Where the relay's output goes.
 pub enum Sink {
     Stream(mpsc::Sender<Result<Bytes, std::io::Error>>),
-    Whole(oneshot::Sender<Result<Value, ApiError>>),
+    Whole(oneshot::Sender<Result<Answer, ApiError>>),
+}
+
+/// A non-stream request's answer, serialised as it is.
+#[derive(Debug, serde::Serialize)]
+#[serde(untagged)]
+pub enum Answer {
+    OpenAi(openai::Completion),
+    Ollama(Value),
 }
 
 /// What identifies one completion request, from admission to its usage event.
@@ -664,7 +672,7 @@ impl RelayJob {
                         Err(ApiError::new(status, run.error.clone().unwrap_or_else(|| "upstream error".into())))
                     }
                     _ => Ok(match self.meta.dialect {
-                        Dialect::OpenAiChat => run.openai.finish(outcome == Outcome::Quota, (prompt, completion)),
+                        Dialect::OpenAiChat => Answer::OpenAi(run.openai.finish(outcome == Outcome::Quota, (prompt, completion))),
                         d => {
                             let final_chunk = match (outcome, run.final_chunk) {
                                 (Outcome::Complete, Some(f)) => f,
@@ -676,7 +684,7 @@ impl RelayJob {
                                     self.meta.started.elapsed().as_nanos() as u64,
                                 ),
                             };
-                            run.ollama.finish(final_chunk)
+                            Answer::Ollama(run.ollama.finish(final_chunk))
                         }
                     }),
                 };
