@@ -24,7 +24,7 @@ pub fn is_usage_chunk(chunk: &Value) -> bool {
 
 /// Identity of the completion, taken from the first chunk, for the chunks
 /// the gateway writes itself.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Meta {
     pub id: String,
     pub created: i64,
@@ -43,6 +43,21 @@ impl Meta {
                 self.model = m.to_string();
             }
             self.system_fingerprint = chunk.get("system_fingerprint").cloned();
+        }
+    }
+
+    /// `observe` for a chunk read as `Plain`.
+    pub fn observe_plain(&mut self, chunk: &Plain) {
+        if self.id.is_empty() {
+            if let Some(id) = &chunk.id {
+                self.id = id.to_string();
+            }
+            self.created = chunk.created.unwrap_or(self.created);
+            if let Some(m) = &chunk.model {
+                self.model = m.to_string();
+            }
+            self.system_fingerprint =
+                chunk.system_fingerprint.as_ref().map(|fp| fp.as_deref().map_or(Value::Null, |s| Value::String(s.to_string())));
         }
     }
 
@@ -90,6 +105,12 @@ pub struct Plain<'a> {
     pub finish_reason: Option<Cow<'a, str>>,
     /// `choices` held one choice (an empty list is a usage chunk's shape).
     pub has_choice: bool,
+    /// The completion's identity, for `Meta::observe_plain` (`parse_first` only).
+    id: Option<Cow<'a, str>>,
+    created: Option<i64>,
+    model: Option<Cow<'a, str>>,
+    /// Present (`Some`), and a string or null (`None`).
+    system_fingerprint: Option<Option<Cow<'a, str>>>,
 }
 
 #[derive(Deserialize)]
@@ -98,6 +119,32 @@ struct PlainChunk<'a> {
     choices: Option<Vec<Obj<PlainChoice<'a>>>>,
     usage: Option<IgnoredAny>,
     error: Option<IgnoredAny>,
+}
+
+/// `PlainChunk` with the completion's identity: read only until it is
+/// known (matching four more names costs every later chunk about 500
+/// instructions).
+#[derive(Deserialize)]
+struct FirstChunk<'a> {
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+    created: Option<i64>,
+    #[serde(borrow)]
+    model: Option<Cow<'a, str>>,
+    /// Any other kind of fingerprint than a string or null fails the parse,
+    /// and the chunk is read as a `Value`.
+    #[serde(borrow, default, deserialize_with = "present")]
+    system_fingerprint: Option<Option<Cow<'a, str>>>,
+    #[serde(borrow)]
+    choices: Option<Vec<Obj<PlainChoice<'a>>>>,
+    usage: Option<IgnoredAny>,
+    error: Option<IgnoredAny>,
+}
+
+/// A field that is there, even as null (`Some(None)`): serde's `Option`
+/// alone reads null as absent.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -123,31 +170,43 @@ struct PlainDelta<'a> {
 }
 
 impl<'a> Plain<'a> {
+    /// An ordinary chunk; the completion's identity is not read.
     pub fn parse(text: &'a str) -> Option<Plain<'a>> {
-        let chunk: PlainChunk<'a> = object(text)?;
-        if chunk.usage.is_some() || chunk.error.is_some() {
+        let c: PlainChunk<'a> = object(text)?;
+        Plain::default().with_choices(c.choices, c.usage.is_some() || c.error.is_some())
+    }
+
+    /// A chunk before the completion's identity is known: also reads
+    /// `id`, `created`, `model` and `system_fingerprint`.
+    pub fn parse_first(text: &'a str) -> Option<Plain<'a>> {
+        let c: FirstChunk<'a> = object(text)?;
+        let p = Plain { id: c.id, created: c.created, model: c.model, system_fingerprint: c.system_fingerprint, ..Plain::default() };
+        p.with_choices(c.choices, c.usage.is_some() || c.error.is_some())
+    }
+
+    fn with_choices(mut self, choices: Option<Vec<Obj<PlainChoice<'a>>>>, usage_or_error: bool) -> Option<Plain<'a>> {
+        if usage_or_error {
             return None;
         }
-        let mut p = Plain::default();
-        let mut choices = chunk.choices?;
+        let mut choices = choices?;
         if choices.len() > 1 {
             return None;
         }
         let Some(Obj(c)) = choices.pop() else {
-            return Some(p);
+            return Some(self);
         };
         if c.index.unwrap_or(0) != 0 {
             return None;
         }
-        p.has_choice = true;
-        p.finish_reason = c.finish_reason;
+        self.has_choice = true;
+        self.finish_reason = c.finish_reason;
         if let Some(Obj(d)) = c.delta {
             if d.tool_calls.is_some() {
                 return None;
             }
-            (p.role, p.content, p.reasoning_content, p.reasoning) = (d.role, d.content, d.reasoning_content, d.reasoning);
+            (self.role, self.content, self.reasoning_content, self.reasoning) = (d.role, d.content, d.reasoning_content, d.reasoning);
         }
-        Some(p)
+        Some(self)
     }
 
     /// What `tokens::count_openai_chunk` counts.

@@ -480,15 +480,15 @@ impl RelayJob {
         };
         let text = data.text();
         let whole = matches!(self.sink, Sink::Whole(_));
-        // Ordinary chunks are read without a `Value`; the rest (the first
-        // OpenAI chunk, usage, tool calls, errors, a final Ollama chunk
-        // that shapes a non-stream answer) as a `Value`.
+        // Ordinary chunks are read without a `Value`; the rest (usage, tool
+        // calls, errors, an odd field, a final Ollama chunk that shapes a
+        // non-stream answer) as a `Value`.
         let parsed = match self.meta.dialect {
-            Dialect::OpenAiChat if !run.openai.meta.id.is_empty() => openai::Plain::parse(&text).map(Parsed::OpenAi),
+            Dialect::OpenAiChat if run.openai.meta.id.is_empty() => openai::Plain::parse_first(&text).map(Parsed::OpenAi),
+            Dialect::OpenAiChat => openai::Plain::parse(&text).map(Parsed::OpenAi),
             Dialect::OllamaChat | Dialect::OllamaGenerate => {
                 ollama::Plain::parse(&text).filter(|p| !(whole && p.is_final())).map(Parsed::Ollama)
             }
-            Dialect::OpenAiChat => None,
         };
         let parsed = match parsed {
             Some(p) => p,
@@ -554,7 +554,10 @@ impl RelayJob {
                             .is_some_and(|cs| cs.iter().any(|c| c.get("finish_reason").is_some_and(|f| !f.is_null())));
                         (finished, openai::usage(v), openai::is_usage_chunk(v))
                     }
-                    Parsed::OpenAi(p) => (p.finish_reason.is_some(), None, false),
+                    Parsed::OpenAi(p) => {
+                        run.openai.meta.observe_plain(p);
+                        (p.finish_reason.is_some(), None, false)
+                    }
                     Parsed::Ollama(_) => unreachable!("parsed for the dialect"),
                 };
                 run.saw_finish |= finished;
@@ -916,15 +919,20 @@ mod plain {
             .prop_map(|(i, d, f)| object(vec![("index", i), ("delta", d), ("finish_reason", f)]));
         let usage = Just(json!({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7})).boxed();
         let choices = prop_oneof![4 => choice.clone().prop_map(|c| vec![c]), 1 => proptest::collection::vec(choice, 0..3)];
-        (field(choices.prop_map(Value::Array).boxed()), field(usage), field(text()))
-            .prop_map(|(cs, u, err)| object(vec![("id", Some(json!("c1"))), ("object", Some(json!("chat.completion.chunk"))), ("choices", cs), ("usage", u), ("error", err)]))
+        let created = (0i64..2_000_000_000).prop_map(|n| json!(n)).boxed();
+        (field(choices.prop_map(Value::Array).boxed()), field(usage), field(text()), (field(text()), field(created), field(text()), field(text())))
+            .prop_map(|(cs, u, err, (id, created, model, fp))| {
+                object(vec![("id", id), ("object", Some(json!("chat.completion.chunk"))), ("created", created), ("model", model),
+                    ("system_fingerprint", fp), ("choices", cs), ("usage", u), ("error", err)])
+            })
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
 
         /// Whenever the `Value`-free reading takes a chunk, it reads what the
-        /// `Value` reading does: tokens, end, usage, and the assembled answer.
+        /// `Value` reading does: tokens, end, usage, the completion's
+        /// identity (id, created, model, fingerprint) and the assembled answer.
         #[test]
         fn plain_ollama_reads_like_value(chunk in ollama_chunk(), generate in any::<bool>()) {
             let text = chunk.to_string();
@@ -943,7 +951,15 @@ mod plain {
         #[test]
         fn plain_openai_reads_like_value(chunk in openai_chunk()) {
             let text = chunk.to_string();
-            if let Some(p) = openai::Plain::parse(&text) {
+            let first = openai::Plain::parse_first(&text);
+            if let Some(p) = &first {
+                let (mut seen, mut seen_plain) = (openai::Meta::default(), openai::Meta::default());
+                seen.observe(&chunk);
+                seen_plain.observe_plain(p);
+                prop_assert_eq!(seen, seen_plain);
+                prop_assert!(openai::Plain::parse(&text).is_some(), "a chunk parse_first takes, parse takes");
+            }
+            for p in [openai::Plain::parse(&text), first].into_iter().flatten() {
                 prop_assert!(chunk.get("error").is_none_or(Value::is_null));
                 prop_assert_eq!(p.tokens(), tokens::count_openai_chunk(&chunk));
                 prop_assert!(openai::usage(&chunk).is_none() && !openai::is_usage_chunk(&chunk));
