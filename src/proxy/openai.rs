@@ -215,6 +215,33 @@ impl<'a> Plain<'a> {
     }
 }
 
+/// The usage-only chunk that `include_usage` adds at the end (`choices`
+/// empty, `usage` an object), read without a `Value` around its usage.
+#[derive(Debug)]
+pub struct UsageOnly {
+    /// `(prompt_tokens, completion_tokens)`, as `usage` reads them.
+    pub tokens: (u64, u64),
+    pub usage: Value,
+}
+
+#[derive(Deserialize)]
+struct UsageChunk {
+    choices: Vec<IgnoredAny>,
+    usage: Value,
+    error: Option<IgnoredAny>,
+}
+
+impl UsageOnly {
+    pub fn parse(text: &str) -> Option<UsageOnly> {
+        let c: UsageChunk = object(text)?;
+        if !c.choices.is_empty() || c.error.is_some() || !c.usage.is_object() {
+            return None;
+        }
+        let n = |k| c.usage.get(k).and_then(Value::as_u64).unwrap_or(0);
+        Some(UsageOnly { tokens: (n("prompt_tokens"), n("completion_tokens")), usage: c.usage })
+    }
+}
+
 #[derive(Debug, Default)]
 struct Choice {
     role: Option<String>,
@@ -277,6 +304,11 @@ impl Assembler {
                 }
             }
         }
+    }
+
+    /// `push` for a chunk read as `UsageOnly`.
+    pub fn push_usage(&mut self, usage: Value) {
+        self.usage = Some(usage);
     }
 
     /// `push` for a chunk read as `Plain` (after the first, which sets `meta`).

@@ -236,6 +236,7 @@ impl Reader {
 /// One upstream chunk, read for the relay.
 enum Parsed<'a> {
     OpenAi(openai::Plain<'a>),
+    OpenAiUsage(openai::UsageOnly),
     Ollama(ollama::Plain<'a>),
     Value(Value),
 }
@@ -480,12 +481,14 @@ impl RelayJob {
         };
         let text = data.text();
         let whole = matches!(self.sink, Sink::Whole(_));
-        // Ordinary chunks are read without a `Value`; the rest (usage, tool
-        // calls, errors, an odd field, a final Ollama chunk that shapes a
-        // non-stream answer) as a `Value`.
+        // Ordinary chunks and OpenAI's usage chunk are read without a
+        // `Value`; the rest (tool calls, errors, an odd field, a final
+        // Ollama chunk that shapes a non-stream answer) as a `Value`.
         let parsed = match self.meta.dialect {
             Dialect::OpenAiChat if run.openai.meta.id.is_empty() => openai::Plain::parse_first(&text).map(Parsed::OpenAi),
-            Dialect::OpenAiChat => openai::Plain::parse(&text).map(Parsed::OpenAi),
+            Dialect::OpenAiChat => openai::Plain::parse(&text)
+                .map(Parsed::OpenAi)
+                .or_else(|| openai::UsageOnly::parse(&text).map(Parsed::OpenAiUsage)),
             Dialect::OllamaChat | Dialect::OllamaGenerate => {
                 ollama::Plain::parse(&text).filter(|p| !(whole && p.is_final())).map(Parsed::Ollama)
             }
@@ -517,6 +520,7 @@ impl RelayJob {
         let n = match &parsed {
             Parsed::Value(v) => self.meta.dialect.count(v),
             Parsed::OpenAi(p) => p.tokens(),
+            Parsed::OpenAiUsage(_) => 0,
             Parsed::Ollama(p) => p.tokens(),
         };
         if n > 0 {
@@ -558,6 +562,7 @@ impl RelayJob {
                         run.openai.meta.observe_plain(p);
                         (p.finish_reason.is_some(), None, false)
                     }
+                    Parsed::OpenAiUsage(u) => (false, Some(u.tokens), true),
                     Parsed::Ollama(_) => unreachable!("parsed for the dialect"),
                 };
                 run.saw_finish |= finished;
@@ -572,6 +577,7 @@ impl RelayJob {
                     match &parsed {
                         Parsed::Value(v) => run.openai.push(v),
                         Parsed::OpenAi(p) => run.openai.push_plain(p),
+                        Parsed::OpenAiUsage(u) => run.openai.push_usage(u.usage.clone()),
                         Parsed::Ollama(_) => {}
                     }
                 }
@@ -580,7 +586,7 @@ impl RelayJob {
                 let (is_final, usage) = match &parsed {
                     Parsed::Value(v) => (ollama::is_final(v), ollama::usage(v)),
                     Parsed::Ollama(p) => (p.is_final(), p.usage()),
-                    Parsed::OpenAi(_) => unreachable!("parsed for the dialect"),
+                    Parsed::OpenAi(_) | Parsed::OpenAiUsage(_) => unreachable!("parsed for the dialect"),
                 };
                 if let Some(u) = usage {
                     run.upstream_usage = Some(u);
@@ -592,7 +598,7 @@ impl RelayJob {
                         Parsed::Value(v) if is_final => run.final_chunk = Some(v),
                         Parsed::Value(v) => run.ollama.push(&v),
                         Parsed::Ollama(p) => run.ollama.push_plain(&p),
-                        Parsed::OpenAi(_) => {}
+                        Parsed::OpenAi(_) | Parsed::OpenAiUsage(_) => {}
                     }
                 }
                 if is_final && run.outcome.is_none() {
@@ -931,8 +937,9 @@ mod plain {
         #![proptest_config(ProptestConfig::with_cases(2000))]
 
         /// Whenever the `Value`-free reading takes a chunk, it reads what the
-        /// `Value` reading does: tokens, end, usage, the completion's
-        /// identity (id, created, model, fingerprint) and the assembled answer.
+        /// `Value` reading does: tokens, end, usage (and the usage chunk's), the
+        /// completion's identity (id, created, model, fingerprint) and the
+        /// assembled answer.
         #[test]
         fn plain_ollama_reads_like_value(chunk in ollama_chunk(), generate in any::<bool>()) {
             let text = chunk.to_string();
@@ -951,6 +958,13 @@ mod plain {
         #[test]
         fn plain_openai_reads_like_value(chunk in openai_chunk()) {
             let text = chunk.to_string();
+            if let Some(u) = openai::UsageOnly::parse(&text) {
+                prop_assert!(chunk.get("error").is_none_or(Value::is_null));
+                prop_assert!(openai::is_usage_chunk(&chunk));
+                prop_assert_eq!(Some(u.tokens), openai::usage(&chunk));
+                prop_assert_eq!(tokens::count_openai_chunk(&chunk), 0);
+                prop_assert_eq!(Some(&u.usage), chunk.get("usage"));
+            }
             let first = openai::Plain::parse_first(&text);
             if let Some(p) = &first {
                 let (mut seen, mut seen_plain) = (openai::Meta::default(), openai::Meta::default());
