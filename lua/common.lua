@@ -60,7 +60,9 @@ local function release(day, month, held, pt, ct, refund)
   for _, pk in ipairs({{'d', day}, {'m', month}}) do
     local k = bucket_key(pk[1], pk[2])
     if redis.call('EXISTS', k) == 1 then
-      if redis.call('HINCRBY', k, 'rsv', -held) < 0 then redis.call('HSET', k, 'rsv', 0) end
+      -- 0 - held, not -held: Lua's -0 goes out as "-0", which HINCRBY
+      -- refuses, and a reservation may hold nothing.
+      if redis.call('HINCRBY', k, 'rsv', 0 - held) < 0 then redis.call('HSET', k, 'rsv', 0) end
       if pt > 0 then redis.call('HINCRBY', k, 'pt', pt) end
       if ct > 0 then redis.call('HINCRBY', k, 'ct', ct) end
       if refund then redis.call('HINCRBY', k, 'ref', 1) end

@@ -193,6 +193,27 @@ pub async fn lapsed_reservations_are_charged_what_they_held<S: QuotaStore>(s: S)
     assert_eq!(usage(&s, 1).await.0.tokens(), 266);
 }
 
+/// A reservation that holds nothing (an empty prompt, no lease) settles,
+/// and lapses, like any other; a lapsed one must not break the key's next
+/// admission, which sweeps it. (Redis: `-held` for 0 is `-0`, which
+/// HINCRBY refuses as "not an integer".)
+pub async fn a_reservation_that_holds_nothing_settles_and_lapses<S: QuotaStore>(s: S) {
+    seed_fresh(&s, 1).await;
+    let l = Limits::default();
+    let mut empty = req(1, "empty", l, 0);
+    empty.lease_tokens = 0;
+    assert_eq!(admit_ok(&s, &empty).await, 0);
+    s.settle(&resv(1, "empty"), Charge { prompt_tokens: 0, completion_tokens: 0, refund_request: false }).await.unwrap();
+    let mut lapsing = req(1, "lapsing", l, 0);
+    lapsing.lease_tokens = 0;
+    assert_eq!(admit_ok(&s, &lapsing).await, 0);
+    let mut later = req(1, "later", l, 10);
+    later.now_ms = NOW + 61_000;
+    admit_ok(&s, &later).await;
+    let (d, _) = usage(&s, 1).await;
+    assert_eq!((d.requests, d.reserved, d.tokens()), (3, 10 + 256, 0));
+}
+
 pub async fn a_lease_renews_the_reservation<S: QuotaStore>(s: S) {
     seed_fresh(&s, 1).await;
     let l = Limits::default();
@@ -338,6 +359,7 @@ macro_rules! quota_suite {
             case!(the_monthly_limit_applies_when_the_daily_one_has_room);
             case!(a_prompt_larger_than_what_is_left_is_rejected);
             case!(lapsed_reservations_are_charged_what_they_held);
+            case!(a_reservation_that_holds_nothing_settles_and_lapses);
             case!(a_lease_renews_the_reservation);
             case!(admission_sweeps_lapsed_reservations_of_the_key);
             case!(usage_is_charged_to_the_buckets_of_admission);
