@@ -12,9 +12,13 @@ use crate::tokens;
 
 /// `(prompt_tokens, completion_tokens)` of a chunk carrying usage.
 pub fn usage(chunk: &Value) -> Option<(u64, u64)> {
-    let u = chunk.get("usage").filter(|u| u.is_object())?;
-    let n = |k| u.get(k).and_then(Value::as_u64).unwrap_or(0);
-    Some((n("prompt_tokens"), n("completion_tokens")))
+    chunk.get("usage").filter(|u| u.is_object()).map(usage_tokens)
+}
+
+/// `(prompt_tokens, completion_tokens)` of a usage object.
+fn usage_tokens(usage: &Value) -> (u64, u64) {
+    let n = |k| usage.get(k).and_then(Value::as_u64).unwrap_or(0);
+    (n("prompt_tokens"), n("completion_tokens"))
 }
 
 /// The usage-only chunk that `include_usage` adds at the end.
@@ -35,30 +39,33 @@ pub struct Meta {
 impl Meta {
     pub fn observe(&mut self, chunk: &Value) {
         if self.id.is_empty() {
-            if let Some(id) = chunk.get("id").and_then(Value::as_str) {
-                self.id = id.to_string();
-            }
-            self.created = chunk.get("created").and_then(Value::as_i64).unwrap_or(self.created);
-            if let Some(m) = chunk.get("model").and_then(Value::as_str) {
-                self.model = m.to_string();
-            }
-            self.system_fingerprint = chunk.get("system_fingerprint").cloned();
+            self.learn(
+                chunk.get("id").and_then(Value::as_str),
+                chunk.get("created").and_then(Value::as_i64),
+                chunk.get("model").and_then(Value::as_str),
+                chunk.get("system_fingerprint").cloned(),
+            );
         }
     }
 
     /// `observe` for a chunk read as `Plain`.
     pub fn observe_plain(&mut self, chunk: &Plain) {
         if self.id.is_empty() {
-            if let Some(id) = &chunk.id {
-                self.id = id.to_string();
-            }
-            self.created = chunk.created.unwrap_or(self.created);
-            if let Some(m) = &chunk.model {
-                self.model = m.to_string();
-            }
-            self.system_fingerprint =
-                chunk.system_fingerprint.as_ref().map(|fp| fp.as_deref().map_or(Value::Null, |s| Value::String(s.to_string())));
+            let fingerprint = chunk.system_fingerprint.as_ref().map(|fp| fp.as_deref().map_or(Value::Null, Value::from));
+            self.learn(chunk.id.as_deref(), chunk.created, chunk.model.as_deref(), fingerprint);
         }
+    }
+
+    /// Until an `id` arrives, each chunk's identity fields replace the last's.
+    fn learn(&mut self, id: Option<&str>, created: Option<i64>, model: Option<&str>, fingerprint: Option<Value>) {
+        if let Some(id) = id {
+            self.id = id.to_string();
+        }
+        self.created = created.unwrap_or(self.created);
+        if let Some(m) = model {
+            self.model = m.to_string();
+        }
+        self.system_fingerprint = fingerprint;
     }
 
     fn base(&self, object: &str) -> Map<String, Value> {
@@ -237,8 +244,7 @@ impl UsageOnly {
         if !c.choices.is_empty() || c.error.is_some() || !c.usage.is_object() {
             return None;
         }
-        let n = |k| c.usage.get(k).and_then(Value::as_u64).unwrap_or(0);
-        Some(UsageOnly { tokens: (n("prompt_tokens"), n("completion_tokens")), usage: c.usage })
+        Some(UsageOnly { tokens: usage_tokens(&c.usage), usage: c.usage })
     }
 }
 
