@@ -14,7 +14,6 @@ use std::{
 };
 
 use axum::{
-    body::Body,
     extract::{rejection::BytesRejection, State},
     http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri},
     response::{IntoResponse, Response},
@@ -26,9 +25,8 @@ use chrono::{DateTime, Utc};
 use futures_util::future::{self, Either};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
 
-use self::relay::{Dialect, RelayJob, RequestMeta, Sink};
+use self::relay::{Dialect, Inline, RelayJob, RequestMeta, Sink};
 use crate::{
     config::FailureMode,
     metrics,
@@ -296,9 +294,9 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
     };
     if parsed.client_stream {
         let (tx, rx) = mpsc::channel(16);
-        state.tasks.spawn(job(Sink::Stream(tx)).run(upstream));
+        let relay = Inline::new(job(Sink::Stream(tx)).run(upstream), &state.tasks);
         let content_type = if dialect == Dialect::OpenAiChat { "text/event-stream" } else { "application/x-ndjson" };
-        let mut resp = Response::new(Body::from_stream(ReceiverStream::new(rx)));
+        let mut resp = Response::new(relay.body(rx));
         let h = resp.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
@@ -307,8 +305,8 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
         Ok(resp)
     } else {
         let (tx, rx) = oneshot::channel();
-        state.tasks.spawn(job(Sink::Whole(tx)).run(upstream));
-        let answer = rx.await.map_err(|_| ApiError::internal("relay task ended without an answer"))?;
+        let relay = Inline::new(job(Sink::Whole(tx)).run(upstream), &state.tasks);
+        let answer = relay.answer(rx).await.map_err(|_| ApiError::internal("the relay ended without an answer"))?;
         let mut resp = match answer {
             Ok(v) => Json(v).into_response(),
             Err(e) => {

@@ -1,21 +1,26 @@
 //! The relay: reads the upstream's stream frame by frame, meters every
 //! completion token against the reservation (growing it by leases), and
 //! either forwards the frames as they arrive (those that came together,
-//! together) or assembles the single non-stream answer. It runs in its
-//! own task so that settlement happens whatever the client does; a client
-//! that goes away cancels the upstream request by dropping it.
+//! together) or assembles the single non-stream answer. It runs where its
+//! output is taken (`Inline`: the streaming client's response body, or
+//! the handler awaiting the answer), and goes on in a task of its own if
+//! that goes away first, so settlement happens whatever the client does; a
+//! client that goes away cancels the upstream request by dropping it.
 
 use std::{
     borrow::Cow,
+    future::Future,
     pin::Pin,
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
-use axum::http::StatusCode;
+use axum::{body::Body, http::StatusCode};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::TaskTracker;
 
 use super::{ollama, openai};
 use crate::{
@@ -265,6 +270,85 @@ impl Outcome {
 pub enum Sink {
     Stream(mpsc::Sender<Result<Bytes, std::io::Error>>),
     Whole(oneshot::Sender<Result<Answer, ApiError>>),
+}
+
+/// A relay run by what takes its output: the streaming client's response
+/// body, or the handler awaiting a non-stream answer. A chunk then wakes
+/// one task fewer on its way (the upstream connection's task wakes the
+/// client's, which runs the relay). If that goes away first (a client that
+/// hangs up, or a body that has sent its last frame while the relay still
+/// settles or reads the upstream's end), the rest of the relay goes on as
+/// a task of its own: it sees the client gone, settles the reservation and
+/// records the usage event, as a relay in its own task always did.
+pub struct Inline {
+    relay: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    tasks: TaskTracker,
+}
+
+impl Inline {
+    pub fn new(relay: impl Future<Output = ()> + Send + 'static, tasks: &TaskTracker) -> Inline {
+        Inline { relay: Some(Box::pin(relay)), tasks: tasks.clone() }
+    }
+
+    /// Moves the relay on as far as it goes without waiting.
+    fn poll(&mut self, cx: &mut Context<'_>) {
+        if let Some(relay) = &mut self.relay {
+            if relay.as_mut().poll(cx).is_ready() {
+                self.relay = None;
+            }
+        }
+    }
+
+    /// A streaming client's response body: what the relay sends to `rx`.
+    pub fn body(self, rx: mpsc::Receiver<Result<Bytes, std::io::Error>>) -> Body {
+        Body::from_stream(Streaming { rx, relay: self })
+    }
+
+    /// A non-stream client's answer, from what the relay sends to `rx`.
+    pub async fn answer(mut self, mut rx: oneshot::Receiver<Result<Answer, ApiError>>) -> Result<Result<Answer, ApiError>, oneshot::error::RecvError> {
+        std::future::poll_fn(|cx| {
+            self.poll(cx);
+            Pin::new(&mut rx).poll(cx)
+        })
+        .await
+    }
+}
+
+impl Drop for Inline {
+    fn drop(&mut self) {
+        let Some(relay) = self.relay.take() else { return };
+        // Outside a runtime (it has shut down) nothing could run it; the
+        // reservation lapses and is charged what it held.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.tasks.spawn(relay);
+        }
+    }
+}
+
+/// The frames of a streaming client's response. `rx` is dropped first, so
+/// a relay that goes on without its body finds the client gone.
+struct Streaming {
+    rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    relay: Inline,
+}
+
+impl futures_util::Stream for Streaming {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        this.relay.poll(cx);
+        // Only the relay sends, and it runs only here (or on its own once
+        // this is gone): what it sent is in `rx` now, and its next send
+        // comes in a later poll of this body, which the relay's own wakers
+        // bring. So `rx` is read without leaving a waker (a send would
+        // wake this task again for nothing).
+        match this.rx.try_recv() {
+            Ok(bytes) => Poll::Ready(Some(bytes)),
+            Err(mpsc::error::TryRecvError::Empty) => Poll::Pending,
+            Err(mpsc::error::TryRecvError::Disconnected) => Poll::Ready(None),
+        }
+    }
 }
 
 /// A non-stream request's answer, serialised as it is.

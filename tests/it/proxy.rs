@@ -305,6 +305,30 @@ async fn a_client_that_disconnects_cancels_the_upstream_and_is_charged_for_what_
     assert!(used > 0 && used < 200, "charged {used} tokens for a stream cut short");
 }
 
+/// The relay of a non-stream request runs inside its handler; a client that
+/// hangs up before the answer drops the handler, and the relay must go on
+/// without it: see the client gone, cancel the upstream and settle.
+#[tokio::test]
+async fn a_non_stream_client_that_hangs_up_is_charged_for_what_was_produced() {
+    let app = TestApp::spawn().await;
+    let (id, key) = app.key("k").await;
+    app.mock.state.set_chunk_delay(Duration::from_millis(50));
+    app.mock.state.set_reply_tokens(200);
+    for (i, path) in ["/v1/chat/completions", "/api/chat"].into_iter().enumerate() {
+        let mut body = chat(MODEL, "long");
+        body["stream"] = json!(false);
+        let sent = app.post(path, &key, body).timeout(Duration::from_millis(400)).send().await;
+        assert!(sent.unwrap_err().is_timeout(), "the answer takes 10 s");
+        app.mock.state.wait_for_cancelled(i + 1).await;
+    }
+    assert_eq!(app.mock.state.completed_streams(), 0);
+    app.settled().await;
+    let info = app.key_info(id).await;
+    assert_eq!(info["requests_today"], 2);
+    let used = info["tokens_used_today"].as_u64().unwrap();
+    assert!(used > 2 && used < 400, "charged {used} tokens for two answers cut short");
+}
+
 #[tokio::test]
 async fn upstream_unreachable_is_502_and_refunded() {
     let app = TestApp::spawn().await;
