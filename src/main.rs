@@ -44,7 +44,7 @@ async fn main() -> std::process::ExitCode {
 
 async fn run() -> anyhow::Result<()> {
     let config = Config::from_env()?;
-    telemetry::init(config.log_format);
+    let _log = telemetry::init(config.log_format);
     if std::env::args().nth(1).as_deref() == Some("migrate") {
         Db::connect(&config.database_url).await?.migrate().await?;
         println!("migrations applied");

@@ -183,6 +183,11 @@ async fn logs_of_a_full_run_contain_no_key_and_no_password() {
         captured.push_str(&line);
         captured.push('\n');
     }
+    // Logs leave through a thread of their own; what was queued at exit
+    // still reaches stdout, down to the last line.
+    let lines = captured.lines().filter(|l| l.contains("\"message\":\"request\"") && l.contains("\"request_id\"")).count();
+    assert_eq!(lines, 2, "one request line on stdout per completion request: {captured}");
+    assert!(captured.contains("shutting down"), "the last log line reached stdout: {captured}");
     let mut stderr = String::new();
     tokio::io::AsyncReadExt::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).await.unwrap();
     captured.push_str(&stderr);
