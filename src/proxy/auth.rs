@@ -60,7 +60,9 @@ impl KeyCache {
             return Ok(rec.clone());
         }
         ::metrics::counter!(metrics::KEY_CACHE, "result" => "miss").increment(1);
-        let rec = match db.key_by_hash(hash).await {
+        // Boxed: the query's state machine is kilobytes, and unboxed it
+        // would make every request's future that much larger (and copied).
+        let rec = match Box::pin(db.key_by_hash(hash)).await {
             Ok(rec) => rec.map(Arc::new),
             Err(e) => {
                 return match cached {

@@ -9,7 +9,7 @@ pub mod upstream;
 
 use std::{
     future::Future,
-    pin::pin,
+    pin::{pin, Pin},
     time::{Duration, Instant},
 };
 
@@ -206,13 +206,16 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
     let req = settings.generation_post(&state.http, dialect).json(&body);
     drop(body);
     let open = state.config.quota_failure_mode == FailureMode::Open;
-    let admit = state.quota.admit(&state.db, key.id, key.limits, prompt_tokens);
-    let send = async {
+    // Pinned here, and lent to `admit_and_send`: moved into it, each would
+    // take room twice in this request's future (the argument, and the
+    // pinned copy), and the future is copied whole when it is boxed.
+    let admit = pin!(state.quota.admit(&state.db, key.id, key.limits, prompt_tokens));
+    let send = pin!(async {
         let sent = Instant::now();
         let upstream = upstream::send(req, state.config.upstream_timeout).await;
         ::metrics::histogram!(metrics::UPSTREAM_TTFB, "route" => dialect.route()).record(sent.elapsed().as_secs_f64());
         upstream
-    };
+    });
     let goes_on = |a: &Result<Admission, QuotaError>| matches!(a, Ok(Admission::Granted(_))) || (open && a.is_err());
     let ahead = state.quota.may_send_ahead(key.id, prompt_tokens);
     let before_upstream = started.elapsed();
@@ -327,8 +330,8 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
 /// admission is in. Also returns how long the request waited on the
 /// admission alone.
 async fn admit_and_send<A: Future, U: Future>(
-    admit: A,
-    send: U,
+    admit: Pin<&mut A>,
+    send: Pin<&mut U>,
     ahead: bool,
     goes_on: impl Fn(&A::Output) -> bool,
 ) -> (A::Output, Option<U::Output>, Duration) {
@@ -339,7 +342,7 @@ async fn admit_and_send<A: Future, U: Future>(
         let upstream = if goes_on(&admission) { Some(send.await) } else { None };
         return (admission, upstream, waited);
     }
-    match future::select(pin!(admit), pin!(send)).await {
+    match future::select(admit, send).await {
         Either::Left((admission, send)) => {
             let upstream = if goes_on(&admission) { Some(send.await) } else { None };
             (admission, upstream, Duration::ZERO)
