@@ -121,8 +121,11 @@ impl TestApp {
     }
 
     /// The admin list's entry for a key.
-    /// Waits until every relay task has settled its request (settlement runs
-    /// after the client has its answer).
+    /// Waits until every relay has settled its request. Settlement runs after
+    /// the client has its answer, and a relay that outlives its client's
+    /// response (or its client) goes on as a task: this waits for those. A
+    /// relay whose response is still being read is not waited for, so read
+    /// responses to their end first.
     pub async fn settled(&self) {
         self.state.tasks.close();
         self.state.tasks.wait().await;
