@@ -4,8 +4,8 @@
 //! values (the rest are `other`).
 
 use std::{
-    collections::HashSet,
-    sync::{Mutex, OnceLock},
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex, OnceLock},
     time::Instant,
 };
 
@@ -103,6 +103,59 @@ pub fn model_label(model: &str) -> String {
     "other".into()
 }
 
+/// One completion request's metrics for a route, status and model,
+/// registered once. Registering finds the metric in the recorder's registry
+/// (building its key, hashing and comparing the labels); done for every
+/// request, it cost about 6 k instructions.
+pub struct RequestMetrics {
+    pub requests: metrics::Counter,
+    pub duration: metrics::Histogram,
+    model: String,
+    prompt_tokens: OnceLock<metrics::Counter>,
+    completion_tokens: OnceLock<metrics::Counter>,
+}
+
+impl RequestMetrics {
+    /// Registered when first used: a series appears once it has tokens.
+    pub fn prompt_tokens(&self) -> &metrics::Counter {
+        self.prompt_tokens.get_or_init(|| metrics::counter!(TOKENS, "model" => self.model.clone(), "kind" => "prompt"))
+    }
+
+    pub fn completion_tokens(&self) -> &metrics::Counter {
+        self.completion_tokens.get_or_init(|| metrics::counter!(TOKENS, "model" => self.model.clone(), "kind" => "completion"))
+    }
+}
+
+/// How many (route, status, model) keep their handles; past that, the
+/// metrics are registered for every request, as before.
+const MAX_CACHED: usize = 1024;
+
+/// The metrics of requests with this route, status and model.
+pub fn request_metrics(route: &str, status: u16, model: &str) -> Arc<RequestMetrics> {
+    type Cache = (usize, HashMap<String, Vec<(String, u16, Arc<RequestMetrics>)>>);
+    static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let cached = |c: &Cache| c.1.get(model)?.iter().find(|(r, s, _)| r == route && *s == status).map(|(_, _, m)| m.clone());
+    if let Some(m) = cache.lock().ok().and_then(|c| cached(&c)) {
+        return m;
+    }
+    let model_label = model_label(model);
+    let m = Arc::new(RequestMetrics {
+        requests: metrics::counter!(REQUESTS, "route" => route.to_string(), "status" => status.to_string(), "model" => model_label.clone()),
+        duration: metrics::histogram!(REQUEST_DURATION, "route" => route.to_string()),
+        model: model_label,
+        prompt_tokens: OnceLock::new(),
+        completion_tokens: OnceLock::new(),
+    });
+    if let Ok(mut c) = cache.lock() {
+        if c.0 < MAX_CACHED && cached(&c).is_none() {
+            c.0 += 1;
+            c.1.entry(model.to_string()).or_default().push((route.to_string(), status, m.clone()));
+        }
+    }
+    m
+}
+
 /// Counts every request by route template (never the raw path) and status.
 pub async fn track_http(listener: &'static str, req: Request, next: Next) -> Response {
     let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_string();
@@ -132,5 +185,30 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         metrics::gauge!(IN_FLIGHT).decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_metrics_are_registered_once_and_count_what_each_request_adds() {
+        let rendered = handle();
+        let a = request_metrics("/test/route", 299, "metrics-cache-test");
+        let b = request_metrics("/test/route", 299, "metrics-cache-test");
+        assert!(Arc::ptr_eq(&a, &b), "the second request reuses the handles");
+        let other = request_metrics("/test/route", 298, "metrics-cache-test");
+        assert!(!Arc::ptr_eq(&a, &other), "another status has its own");
+        a.requests.increment(1);
+        b.requests.increment(1);
+        other.requests.increment(1);
+        a.prompt_tokens().increment(5);
+        b.prompt_tokens().increment(2);
+        let text = rendered.render();
+        assert!(text.contains(r#"llm_quota_requests_total{route="/test/route",status="299",model="metrics-cache-test"} 2"#), "{text}");
+        assert!(text.contains(r#"llm_quota_requests_total{route="/test/route",status="298",model="metrics-cache-test"} 1"#), "{text}");
+        assert!(text.contains(r#"llm_quota_tokens_total{model="metrics-cache-test",kind="prompt"} 7"#), "{text}");
+        assert!(!text.contains(r#"model="metrics-cache-test",kind="completion""#), "no completion tokens, no series: {text}");
     }
 }

@@ -39,15 +39,14 @@ impl EventSink {
             outcome = e.outcome,
             "request"
         );
-        let model = metrics::model_label(&e.model);
-        ::metrics::counter!(metrics::REQUESTS, "route" => e.route.clone(), "status" => e.status.to_string(), "model" => model.clone())
-            .increment(1);
-        ::metrics::histogram!(metrics::REQUEST_DURATION, "route" => e.route.clone()).record(e.duration_ms as f64 / 1000.0);
+        let m = metrics::request_metrics(&e.route, e.status, &e.model);
+        m.requests.increment(1);
+        m.duration.record(e.duration_ms as f64 / 1000.0);
         if e.prompt_tokens > 0 {
-            ::metrics::counter!(metrics::TOKENS, "model" => model.clone(), "kind" => "prompt").increment(e.prompt_tokens);
+            m.prompt_tokens().increment(e.prompt_tokens);
         }
         if e.completion_tokens > 0 {
-            ::metrics::counter!(metrics::TOKENS, "model" => model, "kind" => "completion").increment(e.completion_tokens);
+            m.completion_tokens().increment(e.completion_tokens);
         }
         // Only fails once the flusher is gone, at the very end of shutdown.
         let _ = self.0.send(e);
