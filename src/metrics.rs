@@ -104,9 +104,9 @@ pub fn model_label(model: &str) -> String {
 }
 
 /// One completion request's metrics for a route, status and model,
-/// registered once. Registering finds the metric in the recorder's registry
-/// (building its key, hashing and comparing the labels); done for every
-/// request, it cost about 6 k instructions.
+/// registered once (`cached`). Registering finds the metric in the
+/// recorder's registry (building its key, hashing and comparing the
+/// labels); done for every request, it cost about 6 k instructions.
 pub struct RequestMetrics {
     pub requests: metrics::Counter,
     pub duration: metrics::Histogram,
@@ -126,44 +126,64 @@ impl RequestMetrics {
     }
 }
 
-/// How many (route, status, model) keep their handles; past that, the
-/// metrics are registered for every request, as before.
+/// How many label sets a cache keeps; past that, the metrics are
+/// registered for every request, as before.
 const MAX_CACHED: usize = 1024;
 
-/// The metrics of requests with this route, status and model.
-pub fn request_metrics(route: &str, status: u16, model: &str) -> Arc<RequestMetrics> {
-    type Cache = (usize, HashMap<String, Vec<(String, u16, Arc<RequestMetrics>)>>);
-    static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
-    let cache = CACHE.get_or_init(Default::default);
-    let cached = |c: &Cache| c.1.get(model)?.iter().find(|(r, s, _)| r == route && *s == status).map(|(_, _, m)| m.clone());
-    if let Some(m) = cache.lock().ok().and_then(|c| cached(&c)) {
-        return m;
+/// Handles by two string labels and a status.
+type Cache<V> = Mutex<(usize, HashMap<String, Vec<(String, u16, Arc<V>)>>)>;
+
+/// The handles for `(a, b, status)`, registered by `register` the first time.
+fn cached<V>(cache: &Cache<V>, a: &str, b: &str, status: u16, register: impl FnOnce() -> V) -> Arc<V> {
+    let find = |c: &(usize, HashMap<String, Vec<(String, u16, Arc<V>)>>)| {
+        c.1.get(a)?.iter().find(|(kb, ks, _)| kb == b && *ks == status).map(|(_, _, v)| v.clone())
+    };
+    if let Some(v) = cache.lock().ok().and_then(|c| find(&c)) {
+        return v;
     }
-    let model_label = model_label(model);
-    let m = Arc::new(RequestMetrics {
-        requests: metrics::counter!(REQUESTS, "route" => route.to_string(), "status" => status.to_string(), "model" => model_label.clone()),
-        duration: metrics::histogram!(REQUEST_DURATION, "route" => route.to_string()),
-        model: model_label,
-        prompt_tokens: OnceLock::new(),
-        completion_tokens: OnceLock::new(),
-    });
+    let v = Arc::new(register());
     if let Ok(mut c) = cache.lock() {
-        if c.0 < MAX_CACHED && cached(&c).is_none() {
+        if c.0 < MAX_CACHED && find(&c).is_none() {
             c.0 += 1;
-            c.1.entry(model.to_string()).or_default().push((route.to_string(), status, m.clone()));
+            c.1.entry(a.to_string()).or_default().push((b.to_string(), status, v.clone()));
         }
     }
-    m
+    v
+}
+
+/// The metrics of completion requests with this route, status and model.
+pub fn request_metrics(route: &str, status: u16, model: &str) -> Arc<RequestMetrics> {
+    static CACHE: OnceLock<Cache<RequestMetrics>> = OnceLock::new();
+    cached(CACHE.get_or_init(Default::default), model, route, status, || {
+        let model = model_label(model);
+        RequestMetrics {
+            requests: metrics::counter!(REQUESTS, "route" => route.to_string(), "status" => status.to_string(), "model" => model.clone()),
+            duration: metrics::histogram!(REQUEST_DURATION, "route" => route.to_string()),
+            model,
+            prompt_tokens: OnceLock::new(),
+            completion_tokens: OnceLock::new(),
+        }
+    })
+}
+
+struct HttpMetrics {
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
 }
 
 /// Counts every request by route template (never the raw path) and status.
 pub async fn track_http(listener: &'static str, req: Request, next: Next) -> Response {
+    static CACHE: OnceLock<Cache<HttpMetrics>> = OnceLock::new();
     let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_string();
     let started = Instant::now();
     let resp = next.run(req).await;
-    let status = resp.status().as_u16().to_string();
-    metrics::counter!(HTTP_REQUESTS, "listener" => listener, "route" => route.clone(), "status" => status).increment(1);
-    metrics::histogram!(HTTP_DURATION, "listener" => listener, "route" => route).record(started.elapsed().as_secs_f64());
+    let status = resp.status().as_u16();
+    let m = cached(CACHE.get_or_init(Default::default), &route, listener, status, || HttpMetrics {
+        requests: metrics::counter!(HTTP_REQUESTS, "listener" => listener, "route" => route.clone(), "status" => status.to_string()),
+        duration: metrics::histogram!(HTTP_DURATION, "listener" => listener, "route" => route.clone()),
+    });
+    m.requests.increment(1);
+    m.duration.record(started.elapsed().as_secs_f64());
     resp
 }
 
