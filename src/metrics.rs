@@ -130,12 +130,13 @@ impl RequestMetrics {
 /// registered for every request, as before.
 const MAX_CACHED: usize = 1024;
 
-/// Handles by two string labels and a status.
-type Cache<V> = Mutex<(usize, HashMap<String, Vec<(String, u16, Arc<V>)>>)>;
+/// Handles by two string labels and a status, and how many there are.
+type Entries<V> = (usize, HashMap<String, Vec<(String, u16, Arc<V>)>>);
+type Cache<V> = Mutex<Entries<V>>;
 
 /// The handles for `(a, b, status)`, registered by `register` the first time.
 fn cached<V>(cache: &Cache<V>, a: &str, b: &str, status: u16, register: impl FnOnce() -> V) -> Arc<V> {
-    let find = |c: &(usize, HashMap<String, Vec<(String, u16, Arc<V>)>>)| {
+    let find = |c: &Entries<V>| {
         c.1.get(a)?.iter().find(|(kb, ks, _)| kb == b && *ks == status).map(|(_, _, v)| v.clone())
     };
     if let Some(v) = cache.lock().ok().and_then(|c| find(&c)) {
