@@ -89,7 +89,7 @@ fn describe() {
 }
 
 /// The model as a label: known (first `MAX_MODELS` seen) or `other`.
-pub fn model_label(model: &str) -> String {
+fn model_label(model: &str) -> String {
     static SEEN: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
     let seen = SEEN.get_or_init(Default::default);
     let Ok(mut seen) = seen.lock() else { return "other".into() };
@@ -175,13 +175,15 @@ struct HttpMetrics {
 /// Counts every request by route template (never the raw path) and status.
 pub async fn track_http(listener: &'static str, req: Request, next: Next) -> Response {
     static CACHE: OnceLock<Cache<HttpMetrics>> = OnceLock::new();
-    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_string();
+    // A clone of the matched path shares its text (no copy per request).
+    let matched = req.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
     let started = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
-    let m = cached(CACHE.get_or_init(Default::default), &route, listener, status, || HttpMetrics {
-        requests: metrics::counter!(HTTP_REQUESTS, "listener" => listener, "route" => route.clone(), "status" => status.to_string()),
-        duration: metrics::histogram!(HTTP_DURATION, "listener" => listener, "route" => route.clone()),
+    let m = cached(CACHE.get_or_init(Default::default), route, listener, status, || HttpMetrics {
+        requests: metrics::counter!(HTTP_REQUESTS, "listener" => listener, "route" => route.to_string(), "status" => status.to_string()),
+        duration: metrics::histogram!(HTTP_DURATION, "listener" => listener, "route" => route.to_string()),
     });
     m.requests.increment(1);
     m.duration.record(started.elapsed().as_secs_f64());

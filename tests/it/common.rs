@@ -120,7 +120,6 @@ impl TestApp {
         self.create_key(json!({"name": name})).await
     }
 
-    /// The admin list's entry for a key.
     /// Waits until every relay has settled its request. Settlement runs after
     /// the client has its answer, and a relay that outlives its client's
     /// response (or its client) goes on as a task: this waits for those. A
@@ -132,6 +131,7 @@ impl TestApp {
         self.state.tasks.reopen();
     }
 
+    /// The admin list's entry for a key.
     pub async fn key_info(&self, id: i64) -> Value {
         let (status, list) = self.admin_json(reqwest::Method::GET, "/api/api-keys", None).await;
         assert_eq!(status, 200);
