@@ -311,7 +311,7 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
         let relay = Inline::new(job(Sink::Whole(tx)).run(upstream), &state.tasks);
         let answer = relay.answer(rx).await.map_err(|_| ApiError::internal("the relay ended without an answer"))?;
         let mut resp = match answer {
-            Ok(v) => Json(v).into_response(),
+            Ok(answer) => answer.into_response(),
             Err(e) => {
                 let protocol = if dialect == Dialect::OpenAiChat { Protocol::OpenAi } else { Protocol::Ollama };
                 e.in_protocol(protocol).into_response()

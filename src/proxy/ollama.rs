@@ -4,8 +4,9 @@
 use std::borrow::Cow;
 
 use chrono::{SecondsFormat, Utc};
+use bytes::Bytes;
 use serde::{de::IgnoredAny, Deserialize};
-use serde_json::{json, Map, Value};
+use serde_json::{json, value::RawValue, Value};
 
 use crate::tokens;
 
@@ -178,43 +179,109 @@ impl Assembler {
         self.thinking.push_str(thinking.as_deref().unwrap_or(""));
     }
 
-    /// The answer, shaped by the final chunk (upstream's or the gateway's).
-    pub fn finish(self, final_chunk: Value) -> Value {
-        let mut out: Map<String, Value> = match final_chunk {
-            Value::Object(m) => m,
-            _ => Map::new(),
+    /// The answer: the final chunk (the upstream's, or the gateway's own) as
+    /// it came, each member's text untouched, with the message (or response)
+    /// put back together, in Ollama's order (model, created_at,
+    /// message/response, thinking, then the rest). The chunk is read as its
+    /// members' text, not as a `Value`: no map is built, so none is hashed.
+    pub fn finish(self, final_chunk: &str) -> Bytes {
+        let members = object::<Members>(final_chunk).map(|m| m.0).unwrap_or_default();
+        let mut out = Vec::with_capacity(final_chunk.len() + self.content.len() + self.thinking.len() + 64);
+        out.push(b'{');
+        let ours: &[&str] = match (self.generate, self.thinking.is_empty()) {
+            (false, _) => &["message"],
+            (true, true) => &["response"],
+            (true, false) => &["response", "thinking"],
         };
-        if self.generate {
-            out.insert("response".into(), Value::String(self.content));
-            if !self.thinking.is_empty() {
-                out.insert("thinking".into(), Value::String(self.thinking));
-            }
-        } else {
-            let mut msg = Map::new();
-            msg.insert("role".into(), json!("assistant"));
-            msg.insert("content".into(), Value::String(self.content));
-            if !self.thinking.is_empty() {
-                msg.insert("thinking".into(), Value::String(self.thinking));
-            }
-            if !self.tool_calls.is_empty() {
-                msg.insert("tool_calls".into(), Value::Array(self.tool_calls));
-            }
-            if let Some(images) = self.images {
-                msg.insert("images".into(), images);
-            }
-            out.insert("message".into(), Value::Object(msg));
-        }
-        // Keep Ollama's field order: model, created_at, message/response, done…
-        let mut ordered = Map::new();
-        for k in ["model", "created_at", "message", "response", "thinking"] {
-            if let Some(v) = out.remove(k) {
-                ordered.insert(k.into(), v);
+        for key in FRONT {
+            if ours.contains(&key) {
+                member(&mut out, key);
+                self.write_own(&mut out, key);
+            } else {
+                for (k, v) in members.iter().filter(|(k, _)| k == key) {
+                    member(&mut out, k);
+                    out.extend_from_slice(v.get().as_bytes());
+                }
             }
         }
-        ordered.extend(out);
-        Value::Object(ordered)
+        for (k, v) in members.iter().filter(|(k, _)| !FRONT.contains(&k.as_ref())) {
+            member(&mut out, k);
+            out.extend_from_slice(v.get().as_bytes());
+        }
+        out.push(b'}');
+        Bytes::from(out)
+    }
+
+    /// The value of one of the members the answer puts back together.
+    fn write_own(&self, out: &mut Vec<u8>, key: &str) {
+        match key {
+            "response" => write_json(out, &self.content),
+            "thinking" => write_json(out, &self.thinking),
+            _ => {
+                out.extend_from_slice(br#"{"role":"assistant","content":"#);
+                write_json(out, &self.content);
+                if !self.thinking.is_empty() {
+                    out.extend_from_slice(br#","thinking":"#);
+                    write_json(out, &self.thinking);
+                }
+                if !self.tool_calls.is_empty() {
+                    out.extend_from_slice(br#","tool_calls":"#);
+                    write_json(out, &self.tool_calls);
+                }
+                if let Some(images) = &self.images {
+                    out.extend_from_slice(br#","images":"#);
+                    write_json(out, images);
+                }
+                out.push(b'}');
+            }
+        }
     }
 }
+
+/// The members a non-stream answer starts with, in this order.
+const FRONT: [&str; 5] = ["model", "created_at", "message", "response", "thinking"];
+
+/// `"key":` after the previous member's comma, if there was one.
+fn member(out: &mut Vec<u8>, key: &str) {
+    if out.len() > 1 {
+        out.push(b',');
+    }
+    write_json(out, key);
+    out.push(b':');
+}
+
+fn write_json(out: &mut Vec<u8>, v: &(impl serde::Serialize + ?Sized)) {
+    serde_json::to_writer(out, v).expect("strings and values serialise into a Vec");
+}
+
+/// A JSON object's members in their order, each value as its text. Keys
+/// that appear twice stay twice, as they came (the stream relays them so).
+#[derive(Default)]
+struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Members<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Members<'de>, A::Error> {
+                let mut members = Vec::with_capacity(16);
+                while let Some((Key(k), v)) = map.next_entry::<Key<'de>, &'de RawValue>()? {
+                    members.push((k, v));
+                }
+                Ok(Members(members))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+/// A member's key: borrowed from the text unless it holds escapes.
+#[derive(Deserialize)]
+struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
 
 #[cfg(test)]
 mod tests {
@@ -226,14 +293,35 @@ mod tests {
         a.push(&json!({"model": "m", "message": {"role": "assistant", "content": "Hel"}, "done": false}));
         a.push(&json!({"model": "m", "message": {"role": "assistant", "content": "lo",
             "tool_calls": [{"function": {"name": "f", "arguments": {"a": 1}}}]}, "done": false}));
-        let out = a.finish(json!({"model": "m", "created_at": "t", "message": {"role": "assistant", "content": ""},
-            "done": true, "done_reason": "stop", "eval_count": 2}));
+        let out = a.finish(r#"{"model": "m", "created_at": "t", "message": {"role": "assistant", "content": ""},
+            "done": true, "done_reason": "stop", "eval_count": 2}"#);
+        let out: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(out["message"]["content"], "Hello");
         assert_eq!(out["message"]["tool_calls"][0]["function"]["arguments"]["a"], 1);
         assert_eq!(out["done_reason"], "stop");
         assert_eq!(out["eval_count"], 2);
         let keys: Vec<&String> = out.as_object().unwrap().keys().collect();
         assert_eq!(keys[..3], ["model", "created_at", "message"]);
+    }
+
+    #[test]
+    fn a_generate_answer_keeps_the_final_chunks_text_as_it_came() {
+        let mut a = Assembler::new(true);
+        a.push(&json!({"model": "m", "response": "say \"hi\"\n", "done": false}));
+        a.push(&json!({"model": "m", "response": "é", "thinking": "hm", "done": false}));
+        let last = r#"{"done_reason":"stop","model":"m","response":"","created_at":"t","done":true,"context":[1, 2,3],"total_duration":1.50e3,"x\u0041":{"b":1,"a":2}}"#;
+        let out = String::from_utf8(a.finish(last).to_vec()).unwrap();
+        assert_eq!(
+            out,
+            r#"{"model":"m","created_at":"t","response":"say \"hi\"\né","thinking":"hm","done_reason":"stop","done":true,"context":[1, 2,3],"total_duration":1.50e3,"xA":{"b":1,"a":2}}"#
+        );
+    }
+
+    #[test]
+    fn an_answer_without_a_usable_final_chunk_is_still_an_object() {
+        let mut a = Assembler::new(false);
+        a.push(&json!({"message": {"role": "assistant", "content": "x"}}));
+        assert_eq!(&a.finish("[1]")[..], br#"{"message":{"role":"assistant","content":"x"}}"#);
     }
 
     #[test]

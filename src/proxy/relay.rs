@@ -351,12 +351,21 @@ impl futures_util::Stream for Streaming {
     }
 }
 
-/// A non-stream request's answer, serialised as it is.
-#[derive(Debug, serde::Serialize)]
-#[serde(untagged)]
+/// A non-stream request's answer.
+#[derive(Debug)]
 pub enum Answer {
     OpenAi(openai::Completion),
-    Ollama(Value),
+    /// The JSON text, written by `ollama::Assembler::finish`.
+    Ollama(Bytes),
+}
+
+impl axum::response::IntoResponse for Answer {
+    fn into_response(self) -> axum::response::Response {
+        match self {
+            Answer::OpenAi(c) => axum::Json(c).into_response(),
+            Answer::Ollama(json) => ([(axum::http::header::CONTENT_TYPE, "application/json")], json).into_response(),
+        }
+    }
 }
 
 /// What identifies one completion request, from admission to its usage event.
@@ -409,8 +418,9 @@ struct Run {
     error_forwarded: bool,
     ollama: ollama::Assembler,
     openai: openai::Assembler,
-    /// Ollama: the upstream's final chunk (non-stream answer shape).
-    final_chunk: Option<Value>,
+    /// Ollama: the upstream's final chunk, as it came (it shapes the
+    /// non-stream answer).
+    final_chunk: Option<String>,
     /// OpenAI: a `finish_reason` arrived (a missing `[DONE]` is forgiven).
     saw_finish: bool,
     /// Streaming: frames not yet handed to the client.
@@ -566,15 +576,14 @@ impl RelayJob {
         let text = data.text();
         let whole = matches!(self.sink, Sink::Whole(_));
         // Ordinary chunks and OpenAI's usage chunk are read without a
-        // `Value`; the rest (tool calls, errors, an odd field, a final
-        // Ollama chunk that shapes a non-stream answer) as a `Value`.
+        // `Value`; the rest (tool calls, errors, an odd field) as a `Value`.
         let parsed = match self.meta.dialect {
             Dialect::OpenAiChat if run.openai.meta.id.is_empty() => openai::Plain::parse_first(&text).map(Parsed::OpenAi),
             Dialect::OpenAiChat => openai::Plain::parse(&text)
                 .map(Parsed::OpenAi)
                 .or_else(|| openai::UsageOnly::parse(&text).map(Parsed::OpenAiUsage)),
             Dialect::OllamaChat | Dialect::OllamaGenerate => {
-                ollama::Plain::parse(&text).filter(|p| !(whole && p.is_final())).map(Parsed::Ollama)
+                ollama::Plain::parse(&text).map(Parsed::Ollama)
             }
         };
         let parsed = match parsed {
@@ -678,11 +687,13 @@ impl RelayJob {
                 if !whole {
                     self.send_chunk(run, &data, &text);
                 } else {
-                    match parsed {
-                        Parsed::Value(v) if is_final => run.final_chunk = Some(v),
-                        Parsed::Value(v) => run.ollama.push(&v),
-                        Parsed::Ollama(p) => run.ollama.push_plain(&p),
+                    match &parsed {
+                        Parsed::Value(v) => run.ollama.push(v),
+                        Parsed::Ollama(p) => run.ollama.push_plain(p),
                         Parsed::OpenAi(_) | Parsed::OpenAiUsage(_) => {}
+                    }
+                    if is_final {
+                        run.final_chunk = Some(text.to_string());
                     }
                 }
                 if is_final && run.outcome.is_none() {
@@ -775,9 +786,10 @@ impl RelayJob {
                                     prompt,
                                     completion,
                                     self.meta.started.elapsed().as_nanos() as u64,
-                                ),
+                                )
+                                .to_string(),
                             };
-                            Answer::Ollama(run.ollama.finish(final_chunk))
+                            Answer::Ollama(run.ollama.finish(&final_chunk))
                         }
                     }),
                 };
@@ -952,7 +964,7 @@ mod fuzz {
                 let _ = a.finish(false, (0, 0));
                 let mut o = ollama::Assembler::new(false);
                 o.push(&v);
-                let _ = o.finish(v.clone());
+                let _ = o.finish(&s);
             }
         }
     }
@@ -1035,10 +1047,22 @@ mod plain {
                 let (mut a, mut b) = (ollama::Assembler::new(generate), ollama::Assembler::new(generate));
                 a.push(&chunk);
                 b.push_plain(&p);
-                prop_assert_eq!(a.finish(json!({"done": true})), b.finish(json!({"done": true})));
+                prop_assert_eq!(a.finish(r#"{"done": true}"#), b.finish(r#"{"done": true}"#));
             }
         }
 
+        /// The non-stream answer written from the final chunk's text is
+        /// what building it as a `Value` gives: the final chunk's members in
+        /// their order, the assembled message or response in their place,
+        /// Ollama's first members first.
+        #[test]
+        fn ollama_answer_text_is_the_value_answer(chunk in ollama_chunk(), last in ollama_chunk(), generate in any::<bool>()) {
+            let mut a = ollama::Assembler::new(generate);
+            a.push(&chunk);
+            let expected = value_answer(generate, &chunk, &last);
+            let got: Value = serde_json::from_slice(&a.finish(&last.to_string())).expect("the answer is JSON");
+            prop_assert_eq!(got.to_string(), expected.to_string());
+        }
         #[test]
         fn plain_openai_reads_like_value(chunk in openai_chunk()) {
             let text = chunk.to_string();
@@ -1086,5 +1110,37 @@ mod plain {
         assert!(ollama::Plain::parse(r#"{"error": "boom"}"#).is_none());
         assert!(ollama::Plain::parse(r#"["hello"]"#).is_none());
         assert!(ollama::Plain::parse(r#"{"done": true, "done": false}"#).is_none());
+    }
+
+    /// The answer built as a `Value` from one chunk and the final one.
+    fn value_answer(generate: bool, chunk: &Value, last: &Value) -> Value {
+        let s = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or("").to_string();
+        let mut out = last.as_object().cloned().unwrap_or_default();
+        if generate {
+            out.insert("response".into(), json!(s(chunk.get("response"))));
+            if !s(chunk.get("thinking")).is_empty() {
+                out.insert("thinking".into(), json!(s(chunk.get("thinking"))));
+            }
+        } else {
+            let m = chunk.get("message");
+            let mut msg = serde_json::Map::new();
+            msg.insert("role".into(), json!("assistant"));
+            msg.insert("content".into(), json!(s(m.and_then(|m| m.get("content")))));
+            if !s(m.and_then(|m| m.get("thinking"))).is_empty() {
+                msg.insert("thinking".into(), json!(s(m.and_then(|m| m.get("thinking")))));
+            }
+            if let Some(Value::Array(calls)) = m.and_then(|m| m.get("tool_calls")) {
+                msg.insert("tool_calls".into(), Value::Array(calls.clone()));
+            }
+            out.insert("message".into(), Value::Object(msg));
+        }
+        let mut ordered = serde_json::Map::new();
+        for k in ["model", "created_at", "message", "response", "thinking"] {
+            if let Some(v) = out.shift_remove(k) {
+                ordered.insert(k.into(), v);
+            }
+        }
+        ordered.extend(out);
+        Value::Object(ordered)
     }
 }
