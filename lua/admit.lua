@@ -22,10 +22,13 @@ end
 local room = headroom(lim_dt, lim_mt, du, mu)
 if room >= 0 then lease = math.min(lease, room - prompt) end
 local held = prompt + lease
--- Increments (no number formatting in Lua), and the totals they make.
+-- One write per bucket, not an HINCRBY per field (the script runs alone,
+-- so the sums are the same; counts stay far below 2^53, where Lua's
+-- numbers are exact, and redis.call writes whole numbers without exponent).
 for k, u in pairs({[dk] = du, [mk] = mu}) do
-  u[1] = redis.call('HINCRBY', k, 'req', 1)
-  u[5] = redis.call('HINCRBY', k, 'rsv', held)
+  u[1] = u[1] + 1
+  u[5] = u[5] + held
+  redis.call('HSET', k, 'req', u[1], 'rsv', u[5])
 end
 redis.call('SADD', DIRTY, 'd|' .. day, 'm|' .. month)
 hold(id, encode(day, month, prompt, held, expires), ARGV[8], ARGV[13])
