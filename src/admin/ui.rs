@@ -1065,7 +1065,7 @@ fn model_chart(models: &[ModelUsage]) -> ModelChart {
 /// Today's usage from the quota store (live; the database has it only
 /// after the next flush), for one key or all.
 async fn live_today(app: &AppState, keys: &[KeyRecord], key: Option<i64>) -> Result<DayUsage, UiError> {
-    let mut today = DayUsage { day: app.quota.periods().day, ..DayUsage::default() };
+    let mut today = DayUsage { day: app.quota.periods().day.clone(), ..DayUsage::default() };
     for k in keys.iter().filter(|k| key.is_none_or(|id| id == k.id)) {
         let s = app.quota.status_of(&app.db, k.id, k.limits).await.map_err(ApiError::quota_store)?;
         today.requests += s.day.net_requests();

@@ -349,6 +349,8 @@ pub struct Quota {
     ttl: Duration,
     /// What this replica's last admission of each key left (see `Room`).
     room: Arc<std::sync::Mutex<rustc_hash::FxHashMap<i64, Room>>>,
+    /// The periods of the current local day (see `periods_at`).
+    periods: Arc<std::sync::Mutex<Option<Arc<Periods>>>>,
 }
 
 /// What a key had left after this replica last admitted it (`None`:
@@ -377,7 +379,7 @@ impl QuotaError {
 
 impl Quota {
     pub fn new(store: Store, clock: Arc<dyn Clock>, tz: Tz, lease_tokens: u64, ttl: Duration) -> Self {
-        Quota { store, clock, tz, lease_tokens, ttl, room: Default::default() }
+        Quota { store, clock, tz, lease_tokens, ttl, room: Default::default(), periods: Default::default() }
     }
 
     /// Whether a request of `prompt_tokens` may go to the upstream before
@@ -428,8 +430,24 @@ impl Quota {
         self.clock.now()
     }
 
-    pub fn periods(&self) -> Periods {
-        buckets::periods(self.clock.now(), self.tz)
+    pub fn periods(&self) -> Arc<Periods> {
+        self.periods_at(self.clock.now())
+    }
+
+    /// The periods `now` falls in. They are the same from one local midnight
+    /// to the next, so they are worked out once a day, not once a request
+    /// (naming the buckets and finding the local midnights took 5 k
+    /// instructions); a clock that goes back gets them worked out again.
+    fn periods_at(&self, now: DateTime<Utc>) -> Arc<Periods> {
+        let mut cached = self.periods.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &*cached {
+            Some(p) if p.day_start <= now && now < p.day_reset => p.clone(),
+            _ => {
+                let p = Arc::new(buckets::periods(now, self.tz));
+                *cached = Some(p.clone());
+                p
+            }
+        }
     }
 
     fn expiry_ms(&self, now: DateTime<Utc>) -> i64 {
@@ -479,7 +497,7 @@ impl Quota {
         prompt_tokens: u64,
     ) -> Result<Admission, QuotaError> {
         let now = self.clock.now();
-        let p = buckets::periods(now, self.tz);
+        let p = self.periods_at(now);
         let req = AdmitRequest {
             key_id,
             day: p.day.clone(),
@@ -607,5 +625,38 @@ impl Quota {
             }
         }
         Err(QuotaError::Store(StoreError::new("buckets kept disappearing")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono_tz::Europe::Berlin;
+
+    use super::{buckets::ManualClock, *};
+
+    fn utc(s: &str) -> DateTime<Utc> {
+        s.parse().unwrap()
+    }
+
+    /// The periods kept for the day are those of the clock's time, at each
+    /// local midnight (a 23-hour day included) and when the clock goes back.
+    #[test]
+    fn kept_periods_follow_the_clock() {
+        let clock = ManualClock::new(utc("2026-03-28T22:59:59Z"));
+        let store = Store::Memory(Arc::new(memory::MemoryStore::new()));
+        let q = Quota::new(store, Arc::new(clock.clone()), Berlin, 100, Duration::from_secs(60));
+        for t in [
+            "2026-03-28T22:59:59Z",
+            "2026-03-28T23:00:00Z",
+            "2026-03-29T21:59:59Z",
+            "2026-03-29T22:00:00Z",
+            "2026-03-31T21:59:59Z",
+            "2026-03-31T22:00:00Z",
+            "2026-03-29T12:00:00Z",
+            "2026-03-28T12:00:00Z",
+        ] {
+            clock.set(utc(t));
+            assert_eq!(*q.periods(), buckets::periods(utc(t), Berlin), "at {t}");
+        }
     }
 }
