@@ -104,7 +104,7 @@ async fn chat_ok(app: &TestApp, key: &str) {
 }
 
 fn today(app: &TestApp) -> String {
-    app.state.quota.periods().day
+    app.state.quota.periods().day.clone()
 }
 
 #[tokio::test]
