@@ -1,7 +1,8 @@
 //! The flusher: every `FLUSH_INTERVAL` it charges lapsed reservations,
 //! writes changed bucket totals (absolute, greatest-wins) and the pending
-//! usage events to the durable store, and appends the events to the usage
-//! log. A failed write keeps everything for the next round.
+//! usage events to the durable store (a few at a time, spread over half
+//! the interval), and appends the events to the usage log. A failed write
+//! keeps everything for the next round.
 
 use std::{
     io::Write,
@@ -16,7 +17,10 @@ use tokio_util::sync::CancellationToken;
 use super::{Quota, QuotaStore};
 use crate::{
     metrics,
-    store::{usage::UsageEvent, Db},
+    store::{
+        usage::UsageEvent,
+        Db,
+    },
 };
 
 /// Where the request path drops usage events; never blocks.
@@ -78,8 +82,15 @@ impl Flusher {
         (EventSink(tx), Arc::new(Mutex::new(flusher)))
     }
 
-    /// One round; returns an error when something is left for the next.
+    /// One round, all at once; returns an error when something is left
+    /// for the next.
     pub async fn flush(&mut self) -> anyhow::Result<()> {
+        self.round(None).await
+    }
+
+    /// One round whose usage events go out a statement at a time, spread
+    /// over about half of `interval` (see `pause`), until `stop`.
+    async fn round(&mut self, pace: Option<(Duration, &CancellationToken)>) -> anyhow::Result<()> {
         let now = self.quota.now().timestamp_millis();
         let key_ids: Vec<i64> = self.db.list_keys().await?.iter().map(|k| k.id).collect();
         self.quota.store.expire(now, &key_ids).await?;
@@ -110,10 +121,20 @@ impl Flusher {
             }
         }
         self.pending.extend(fresh);
-        for batch in self.pending.chunks(2048) {
-            self.db.insert_events(batch).await?;
+        let statements = self.pending.len().div_ceil(PACED_ROWS);
+        let mut first = true;
+        while !self.pending.is_empty() {
+            if let Some((interval, stop)) = pace.filter(|_| !first) {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause(interval, statements)) => {}
+                    _ = stop.cancelled() => {}
+                }
+            }
+            first = false;
+            let n = self.pending.len().min(if pace.is_some() { PACED_ROWS } else { 2048 });
+            self.db.insert_events(&self.pending[..n]).await?;
+            self.pending.drain(..n);
         }
-        self.pending.clear();
         if self.last_prune.is_none_or(|t| t.elapsed() > Duration::from_secs(3600)) {
             let cutoff = now - self.retention.as_millis() as i64;
             self.db.prune_events(cutoff).await?;
@@ -123,8 +144,23 @@ impl Flusher {
     }
 }
 
-/// Runs rounds until cancelled, then one last round. Failures back off
-/// (doubling up to a minute) and are retried; nothing is dropped.
+/// Usage events per statement (and transaction) in a paced round: 1–3 ms
+/// of SQLite's time while requests are coming in.
+const PACED_ROWS: usize = 64;
+
+/// The pause between a paced round's statements: the round's writes are
+/// spread over about half the interval, at most 20 ms apart. Written all
+/// at once, a round's events (5 s of requests: 16,000 at 3,200
+/// requests/s) kept the database busy for a second on the CPU that
+/// serves the requests (SQLite works in the gateway's own process), and
+/// requests queued behind it: the gateway's added p99 jumped by 20–90 ms
+/// once a round.
+fn pause(interval: Duration, statements: usize) -> Duration {
+    (interval / 2 / u32::try_from(statements.max(1)).unwrap_or(u32::MAX)).min(Duration::from_millis(20))
+}
+
+/// Runs rounds until cancelled, then one last round (not paced). Failures
+/// back off (doubling up to a minute) and are retried; nothing is dropped.
 pub async fn run(flusher: Arc<Mutex<Flusher>>, interval: Duration, stop: CancellationToken) {
     let mut wait = interval;
     let mut last_ok = Instant::now();
@@ -133,7 +169,7 @@ pub async fn run(flusher: Arc<Mutex<Flusher>>, interval: Duration, stop: Cancell
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(wait) => {}
         }
-        match flusher.lock().await.flush().await {
+        match flusher.lock().await.round(Some((interval, &stop))).await {
             Ok(()) => {
                 wait = interval;
                 last_ok = Instant::now();
@@ -188,5 +224,21 @@ impl UsageLog {
         let mut p = self.path.clone().into_os_string();
         p.push(format!(".{i}"));
         p.into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_paced_round_spreads_its_statements_over_half_the_interval() {
+        let ms = Duration::from_millis;
+        // 16,000 events at 64 a statement: 250 statements, 10 ms apart.
+        assert_eq!(pause(ms(5000), 250), ms(10));
+        // Few statements are not spread thinner than 20 ms apart.
+        assert_eq!(pause(ms(5000), 3), ms(20));
+        assert_eq!(pause(ms(5000), 0), ms(20));
+        assert_eq!(pause(ms(200), 10), ms(10));
     }
 }

@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use crate::{
-    common::{chat, ndjson, sse, Options, TestApp},
+    common::{chat, eventually, ndjson, sse, Options, TestApp},
     mock::{reply_text, reply_word, Failure},
 };
 
@@ -519,6 +519,31 @@ pub async fn events_insert_in_statements_and_skip_repeats(db: &llm_quota::store:
     db.insert_events(&events[500..]).await.unwrap();
     let completion: u64 = (0..600).map(|i| i % 7).sum();
     assert_eq!(db.event_totals(4242).await.unwrap(), (600, 1800, completion));
+}
+
+/// The periodic flusher writes a round's events a statement of 64 at a
+/// time, paused in between: every one of them arrives, once.
+#[tokio::test]
+async fn the_periodic_flusher_writes_every_event_of_a_paced_round() {
+    let app = TestApp::spawn_with(Options::default().env("FLUSH_INTERVAL", "300ms")).await;
+    let (id, key) = app.create_key(json!({"name": "paced"})).await;
+    let n = 150;
+    futures_util::stream::iter(0..n)
+        .for_each_concurrent(16, |_| async {
+            let resp = app.post("/api/generate", &key, json!({"model": MODEL, "prompt": "x", "stream": false})).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+        })
+        .await;
+    app.settled().await;
+    let db = &app.state.db;
+    let totals = eventually("every event to be written", || async {
+        let t = db.event_totals(id).await.map_err(|e| e.to_string())?;
+        if t.0 == n { Ok(t) } else { Err(format!("{t:?}")) }
+    })
+    .await;
+    let info = app.key_info(id).await;
+    assert_eq!(info["requests_today"], n);
+    assert_eq!(info["tokens_used_today"], totals.1 + totals.2, "the events carry every token the key was charged");
 }
 
 #[tokio::test]
