@@ -522,12 +522,14 @@ pub async fn events_insert_in_statements_and_skip_repeats(db: &llm_quota::store:
 }
 
 /// The periodic flusher writes a round's events a statement of 64 at a
-/// time, paused in between: every one of them arrives, once.
+/// time and its usage-log lines 1024 at a time, paused in between: every
+/// one of them arrives, once.
 #[tokio::test]
 async fn the_periodic_flusher_writes_every_event_of_a_paced_round() {
-    let app = TestApp::spawn_with(Options::default().env("FLUSH_INTERVAL", "300ms")).await;
+    // One round finds them all: more than one write of log lines.
+    let app = TestApp::spawn_with(Options::default().env("FLUSH_INTERVAL", "6s")).await;
     let (id, key) = app.create_key(json!({"name": "paced"})).await;
-    let n = 150;
+    let n = 1100;
     futures_util::stream::iter(0..n)
         .for_each_concurrent(16, |_| async {
             let resp = app.post("/api/generate", &key, json!({"model": MODEL, "prompt": "x", "stream": false})).send().await.unwrap();
@@ -544,6 +546,9 @@ async fn the_periodic_flusher_writes_every_event_of_a_paced_round() {
     let info = app.key_info(id).await;
     assert_eq!(info["requests_today"], n);
     assert_eq!(info["tokens_used_today"], totals.1 + totals.2, "the events carry every token the key was charged");
+    let log = std::fs::read_to_string(app.dir.path().join("usage.log")).unwrap();
+    let ids: std::collections::HashSet<&str> = log.lines().map(|l| l.split("\"request_id\":\"").nth(1).unwrap().split('"').next().unwrap()).collect();
+    assert_eq!((log.lines().count(), ids.len()), (n as usize, n as usize), "one usage-log line per request");
 }
 
 #[tokio::test]
