@@ -3,8 +3,8 @@
 
 use std::borrow::Cow;
 
-use chrono::{SecondsFormat, Utc};
 use bytes::Bytes;
+use chrono::{SecondsFormat, Utc};
 use serde::{de::IgnoredAny, Deserialize};
 use serde_json::{json, value::RawValue, Value};
 

@@ -17,10 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Quota, QuotaStore};
 use crate::{
     metrics,
-    store::{
-        usage::UsageEvent,
-        Db,
-    },
+    store::{usage::UsageEvent, Db},
 };
 
 /// Where the request path drops usage events; never blocks.
@@ -88,8 +85,9 @@ impl Flusher {
         self.round(None).await
     }
 
-    /// One round whose usage events go out a statement at a time, spread
-    /// over about half of `interval` (see `pause`), until `stop`.
+    /// One round. With `pace`, its usage events and log lines go out a
+    /// little at a time, spread over about half of the interval (see
+    /// `pause`), until `stop`.
     async fn round(&mut self, pace: Option<(Duration, &CancellationToken)>) -> anyhow::Result<()> {
         let now = self.quota.now().timestamp_millis();
         let key_ids: Vec<i64> = self.db.list_keys().await?.iter().map(|k| k.id).collect();
@@ -104,7 +102,8 @@ impl Flusher {
         while let Ok(e) = self.rx.try_recv() {
             fresh.push(e);
         }
-        let statements = (self.pending.len() + fresh.len()).div_ceil(PACED_ROWS) + fresh.len().div_ceil(PACED_LINES);
+        let log_writes = if self.log.is_some() { fresh.len().div_ceil(PACED_LINES) } else { 0 };
+        let statements = (self.pending.len() + fresh.len()).div_ceil(PACED_ROWS) + log_writes;
         let mut first = true;
         let mut wait = async || {
             if let Some((interval, stop)) = pace.filter(|_| !std::mem::take(&mut first)) {
@@ -162,10 +161,10 @@ const PACED_LINES: usize = 1024;
 /// The pause between a paced round's statements: the round's writes are
 /// spread over about half the interval, at most 20 ms apart. Written all
 /// at once, a round's events (5 s of requests: 16,000 at 3,200
-/// requests/s) kept the database busy for a second on the CPU that
-/// serves the requests (SQLite works in the gateway's own process), and
-/// requests queued behind it: the gateway's added p99 jumped by 20–90 ms
-/// once a round.
+/// requests/s) kept the database busy for half a second or more on the
+/// CPU that serves the requests (SQLite works in the gateway's own
+/// process), and requests queued behind it: the gateway's added p99
+/// jumped by 20–90 ms once a round.
 fn pause(interval: Duration, statements: usize) -> Duration {
     (interval / 2 / u32::try_from(statements.max(1)).unwrap_or(u32::MAX)).min(Duration::from_millis(20))
 }
