@@ -351,8 +351,11 @@ impl futures_util::Stream for Streaming {
     }
 }
 
-/// A non-stream request's answer.
+/// A non-stream request's answer. Made once and moved once (through the
+/// relay's channel): a box for the larger variant would cost more than the
+/// copy.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum Answer {
     OpenAi(openai::Completion),
     /// The JSON text, written by `ollama::Assembler::finish`.
