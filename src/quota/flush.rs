@@ -104,13 +104,16 @@ impl Flusher {
         }
         let log_writes = if self.log.is_some() { fresh.len().div_ceil(PACED_LINES) } else { 0 };
         let statements = (self.pending.len() + fresh.len()).div_ceil(PACED_ROWS) + log_writes;
+        // Before each write but the first, when paced: a pause, cut short by a stop.
         let mut first = true;
         let mut wait = async || {
-            if let Some((interval, stop)) = pace.filter(|_| !std::mem::take(&mut first)) {
-                tokio::select! {
-                    _ = tokio::time::sleep(pause(interval, statements)) => {}
-                    _ = stop.cancelled() => {}
-                }
+            let Some((interval, stop)) = pace else { return };
+            if std::mem::take(&mut first) {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(pause(interval, statements)) => {}
+                _ = stop.cancelled() => {}
             }
         };
         if let Some(log) = &self.log {
