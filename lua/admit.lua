@@ -4,7 +4,7 @@
 -- Returns {0, day missing, month missing} | {1, limit 1..4, day[5], month[5]}
 --       | {2, held, day[5], month[5]}.
 local id, day, month = ARGV[3], ARGV[4], ARGV[5]
-local prompt, lease, expires = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local prompt, lease = tonumber(ARGV[6]), tonumber(ARGV[7])
 local lim_dr, lim_mr, lim_dt, lim_mt = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
 sweep()
 local dk, mk = bucket_key('d', day), bucket_key('m', month)
@@ -25,11 +25,10 @@ local held = prompt + lease
 -- One write per bucket, not an HINCRBY per field (the script runs alone,
 -- so the sums are the same; counts stay far below 2^53, where Lua's
 -- numbers are exact, and redis.call writes whole numbers without exponent).
-for k, u in pairs({[dk] = du, [mk] = mu}) do
-  u[1] = u[1] + 1
-  u[5] = u[5] + held
-  redis.call('HSET', k, 'req', u[1], 'rsv', u[5])
-end
+du[1], du[5] = du[1] + 1, du[5] + held
+mu[1], mu[5] = mu[1] + 1, mu[5] + held
+redis.call('HSET', dk, 'req', du[1], 'rsv', du[5])
+redis.call('HSET', mk, 'req', mu[1], 'rsv', mu[5])
 redis.call('SADD', DIRTY, 'd|' .. day, 'm|' .. month)
-hold(id, encode(day, month, prompt, held, expires), ARGV[8], ARGV[13])
+hold(id, day, month, ARGV[6], num(held), ARGV[8], ARGV[13])
 return {2, held, du[1], du[2], du[3], du[4], du[5], mu[1], mu[2], mu[3], mu[4], mu[5]}

@@ -15,5 +15,5 @@ if granted > 0 then
     redis.call('HINCRBY', k, 'rsv', granted)
   end
 end
-hold(ARGV[3], encode(d, m, p, h + granted, tonumber(ARGV[5])), ARGV[5], ARGV[8])
+hold(ARGV[3], d, m, p, num(tonumber(h) + granted), ARGV[5], ARGV[8])
 return granted

@@ -4,7 +4,7 @@
 local v = redis.call('HGET', RESV, ARGV[3])
 if not v then return 0 end
 local d, m, _, h = decode(v)
-release(d, m, h, tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6] == '1')
+release(d, m, h, ARGV[4], ARGV[5], ARGV[6] == '1')
 redis.call('HDEL', RESV, ARGV[3])
 redis.call('ZREM', RESVX, ARGV[3])
 return 1

@@ -12,9 +12,15 @@ use redis::{aio::MultiplexedConnection, IntoConnectionInfo, Script};
 
 use super::{Admit, AdmitRequest, BucketRef, Charge, LimitKind, Limits, QuotaStore, ReservationRef, StoreError, Usage};
 
+/// A script's text: `common.lua`, the parts it uses (in the order
+/// `common.lua` gives), then its own file.
 macro_rules! script {
-    ($file:literal) => {
-        Script::new(concat!(include_str!("../../lua/common.lua"), include_str!(concat!("../../lua/", $file))))
+    ($file:literal $(, $part:literal)*) => {
+        Script::new(concat!(
+            include_str!("../../lua/common.lua"),
+            $(include_str!(concat!("../../lua/", $part)),)*
+            include_str!(concat!("../../lua/", $file))
+        ))
     };
 }
 
@@ -76,12 +82,12 @@ impl RedisStore {
             timeout,
             reservation_ttl,
             scripts: Scripts {
-                admit: script!("admit.lua"),
-                lease: script!("lease.lua"),
-                settle: script!("settle.lua"),
+                admit: script!("admit.lua", "release.lua", "sweep.lua", "reserve.lua"),
+                lease: script!("lease.lua", "reserve.lua"),
+                settle: script!("settle.lua", "release.lua"),
                 seed: script!("seed.lua"),
-                expire: script!("expire.lua"),
-                dirty: script!("dirty.lua"),
+                expire: script!("expire.lua", "release.lua", "sweep.lua"),
+                dirty: script!("dirty.lua", "reserve.lua"),
             },
         };
         // Reachable at start (a clear error beats a first request failing),

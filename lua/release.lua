@@ -1,0 +1,20 @@
+-- release: give a reservation back and charge instead (settle, admit, expire).
+-- held, pt, ct are whole numbers as decimal strings. A bucket that is gone
+-- (expired long after its period) is left alone.
+local function release_one(period, name, neg_held, pt, ct, refund)
+  local k = bucket_key(period, name)
+  if redis.call('EXISTS', k) == 1 then
+    if redis.call('HINCRBY', k, 'rsv', neg_held) < 0 then redis.call('HSET', k, 'rsv', '0') end
+    if pt ~= '0' then redis.call('HINCRBY', k, 'pt', pt) end
+    if ct ~= '0' then redis.call('HINCRBY', k, 'ct', ct) end
+    if refund then redis.call('HINCRBY', k, 'ref', '1') end
+    redis.call('SADD', DIRTY, period .. '|' .. name)
+  end
+end
+
+local function release(day, month, held, pt, ct, refund)
+  -- "0", not "-0", which HINCRBY refuses: a reservation may hold nothing.
+  local neg_held = held == '0' and '0' or '-' .. held
+  release_one('d', day, neg_held, pt, ct, refund)
+  release_one('m', month, neg_held, pt, ct, refund)
+end
