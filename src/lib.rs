@@ -95,9 +95,21 @@ impl SettingsCache {
     }
 }
 
-/// What every handler shares; cheap to clone.
+/// What every handler shares; cheap to clone (one reference count: the
+/// router clones it for every request).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] holds.
+pub struct Shared {
     pub config: Arc<Config>,
     pub db: Db,
     pub quota: Quota,
@@ -256,7 +268,7 @@ impl App {
         metrics::handle();
         let proxy_addr = proxy.local_addr()?;
         let (config_redis, config_prefix) = (config.redis_url.clone(), config.redis_prefix.clone());
-        let state = AppState {
+        let state = AppState(Arc::new(Shared {
             http: proxy::upstream::client(&config),
             keys: Arc::new(KeyCache::new(config.key_cache_ttl)),
             config: Arc::new(config),
@@ -272,7 +284,7 @@ impl App {
                 Some(url) => Some(Arc::new(events::ClusterEvents::new(url, &config_prefix)?)),
                 None => None,
             },
-        };
+        }));
         Ok(App {
             proxy_addr,
             admin_addr: admin.local_addr()?,
