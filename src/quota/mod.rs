@@ -205,7 +205,14 @@ pub trait QuotaStore: Send + Sync + 'static {
 /// A random 128-bit id as 32 hex digits, from the thread's RNG (no system
 /// call per request, unlike `Uuid::new_v4`).
 pub fn fast_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
+    hex_id(rand::random())
+}
+
+/// `n` as 32 lowercase hex digits, most significant first: what
+/// `format!("{n:032x}")` writes, without the formatting machinery (a
+/// fifth of the instructions; two ids a request).
+fn hex_id(n: u128) -> String {
+    hex::encode(n.to_be_bytes())
 }
 
 /// The store in use; nothing outside `quota` needs to know which.
@@ -636,6 +643,16 @@ mod tests {
 
     fn utc(s: &str) -> DateTime<Utc> {
         s.parse().unwrap()
+    }
+
+    /// Ids read as the formatter would write them: 32 digits, leading
+    /// zeros kept, most significant first.
+    #[test]
+    fn hex_ids_are_the_formatted_number() {
+        for n in [0, 1, 0xab, 0x0123_4567_89ab_cdef_0011_2233_4455_6677, u128::MAX, 1 << 127] {
+            assert_eq!(hex_id(n), format!("{n:032x}"));
+        }
+        assert_ne!(fast_id(), fast_id());
     }
 
     /// The periods kept for the day are those of the clock's time, at each
