@@ -16,6 +16,8 @@ use axum::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::proxy::relay::Dialect;
+
 /// Every HTTP request by listener, route template and status.
 pub const HTTP_REQUESTS: &str = "llm_quota_http_requests_total";
 /// Wall time of every HTTP request (streams: until the headers are sent).
@@ -195,19 +197,59 @@ pub async fn render() -> impl IntoResponse {
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle().render())
 }
 
+/// The label-free or per-route metrics every completion request touches,
+/// registered once (each registration finds the metric in the recorder's
+/// registry: some 400 instructions, five times a request).
+struct Hot {
+    key_cache_hits: metrics::Counter,
+    in_flight: metrics::Gauge,
+    /// By dialect (`Dialect as usize`).
+    overhead: [metrics::Histogram; Dialect::ALL.len()],
+    upstream_ttfb: [metrics::Histogram; Dialect::ALL.len()],
+}
+
+fn hot() -> &'static Hot {
+    static HOT: OnceLock<Hot> = OnceLock::new();
+    HOT.get_or_init(|| {
+        // Registered with our recorder, installed first if it is not yet.
+        handle();
+        Hot {
+            key_cache_hits: metrics::counter!(KEY_CACHE, "result" => "hit"),
+            in_flight: metrics::gauge!(IN_FLIGHT),
+            overhead: Dialect::ALL.map(|d| metrics::histogram!(GATEWAY_OVERHEAD, "route" => d.route())),
+            upstream_ttfb: Dialect::ALL.map(|d| metrics::histogram!(UPSTREAM_TTFB, "route" => d.route())),
+        }
+    })
+}
+
+/// A key found fresh in the key cache.
+pub fn key_cache_hit() {
+    hot().key_cache_hits.increment(1);
+}
+
+/// The gateway's own time on a completion request of `dialect`.
+pub fn gateway_overhead(dialect: Dialect) -> &'static metrics::Histogram {
+    &hot().overhead[dialect as usize]
+}
+
+/// The upstream's time to response headers, for `dialect`.
+pub fn upstream_ttfb(dialect: Dialect) -> &'static metrics::Histogram {
+    &hot().upstream_ttfb[dialect as usize]
+}
+
 /// Decrements the in-flight gauge when the request is over, however it ends.
 pub struct InFlight;
 
 impl InFlight {
     pub fn start() -> InFlight {
-        metrics::gauge!(IN_FLIGHT).increment(1.0);
+        hot().in_flight.increment(1.0);
         InFlight
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        metrics::gauge!(IN_FLIGHT).decrement(1.0);
+        hot().in_flight.decrement(1.0);
     }
 }
 

@@ -56,7 +56,7 @@ impl KeyCache {
             e.get(hash).map(|entry| (entry.rec.clone(), entry.generation == generation && entry.fetched.elapsed() < self.ttl))
         });
         if let Some((rec, true)) = &cached {
-            ::metrics::counter!(metrics::KEY_CACHE, "result" => "hit").increment(1);
+            metrics::key_cache_hit();
             return Ok(rec.clone());
         }
         ::metrics::counter!(metrics::KEY_CACHE, "result" => "miss").increment(1);

@@ -213,7 +213,7 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
     let send = pin!(async {
         let sent = Instant::now();
         let upstream = upstream::send(req, state.config.upstream_timeout).await;
-        ::metrics::histogram!(metrics::UPSTREAM_TTFB, "route" => dialect.route()).record(sent.elapsed().as_secs_f64());
+        metrics::upstream_ttfb(dialect).record(sent.elapsed().as_secs_f64());
         upstream
     });
     let goes_on = |a: &Result<Admission, QuotaError>| matches!(a, Ok(Admission::Granted(_))) || (open && a.is_err());
@@ -274,7 +274,7 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
         let refund = status.is_server_error();
         settle_refund(&state, &reservation, refund).await;
         fail(&reservation, status, refund);
-        ::metrics::histogram!(metrics::GATEWAY_OVERHEAD, "route" => dialect.route()).record(overhead.as_secs_f64());
+        metrics::gateway_overhead(dialect).record(overhead.as_secs_f64());
         let mut resp = (status, body.unwrap_or_default()).into_response();
         if let Some(ct) = content_type {
             resp.headers_mut().insert(header::CONTENT_TYPE, ct);

@@ -809,8 +809,7 @@ impl RelayJob {
             // The reservation lapses and is charged what it held.
             tracing::error!(error = %e, "settle failed");
         }
-        ::metrics::histogram!(metrics::GATEWAY_OVERHEAD, "route" => self.meta.dialect.route())
-            .record((self.overhead + settling.elapsed()).as_secs_f64());
+        metrics::gateway_overhead(self.meta.dialect).record((self.overhead + settling.elapsed()).as_secs_f64());
         if let Some(err) = &run.error {
             tracing::warn!(request_id = %self.meta.request_id, error = %err, "upstream failed during the completion");
         }
