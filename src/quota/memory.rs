@@ -1,7 +1,9 @@
 //! The in-process quota store (embedded mode): one mutex around plain maps.
 //! Every method holds the lock for a few map operations only.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::sync::Mutex;
+
+use rustc_hash::FxHashMap;
 
 use super::{Admit, AdmitRequest, BucketRef, Charge, LimitKind, Limits, QuotaStore, ReservationRef, StoreError, Usage};
 
@@ -11,10 +13,13 @@ pub struct MemoryStore {
 }
 
 #[derive(Debug, Default)]
+/// Fx hashing: the maps' keys are key ids, dates and the gateway's own
+/// random reservation ids, nothing a client chooses (SipHash's defence
+/// against chosen collisions would cost some 400 instructions a lookup).
 struct Inner {
-    buckets: HashMap<BucketRef, Bucket>,
+    buckets: FxHashMap<BucketRef, Bucket>,
     /// key id → reservation id → reservation
-    reservations: HashMap<i64, HashMap<String, Held>>,
+    reservations: FxHashMap<i64, FxHashMap<String, Held>>,
 }
 
 #[derive(Debug, Default)]
