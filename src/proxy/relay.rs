@@ -73,8 +73,9 @@ enum Frame {
     Done,
 }
 
-/// One chunk's JSON: for NDJSON a slice of the read buffer, for SSE the
-/// event's data lines joined.
+/// One chunk's JSON: a slice of the read it came in (of the gathered
+/// pieces, for a line cut by the end of a read); for an SSE event with
+/// more than one data line, the lines joined.
 #[derive(Debug, PartialEq, Eq)]
 struct Chunk {
     /// The JSON text as it arrived, not yet checked to be UTF-8.
@@ -124,60 +125,97 @@ fn forward(sse: bool, chunk: &Chunk, text: &str) -> Bytes {
     }
 }
 
-/// Splits a byte stream into frames; holds at most one partial line.
+/// Splits a byte stream into frames; holds at most one partial line. A
+/// line that arrives whole in one read is a slice of that read, not a copy
+/// (an upstream writes its chunks whole, so that is nearly every line).
 #[derive(Debug, Default)]
 struct Framer {
     sse: bool,
-    buf: BytesMut,
-    /// SSE: the data lines of the event being read.
-    event: Vec<u8>,
+    /// The rest of the last read, not yet framed.
+    pending: Bytes,
+    /// A line cut by the end of a read, gathered until its newline comes.
+    partial: BytesMut,
+    /// SSE: the data of the event being read: its one data line, as it came.
+    data: Option<Bytes>,
+    /// SSE: the data lines joined, once there is more than one.
+    joined: Vec<u8>,
 }
 
 impl Framer {
-    fn push(&mut self, bytes: &[u8]) {
-        self.buf.extend_from_slice(bytes);
+    fn push(&mut self, bytes: Bytes) {
+        if !self.pending.is_empty() {
+            self.partial.extend_from_slice(&self.pending);
+        }
+        self.pending = bytes;
     }
 
     /// Everything left when the stream ends (a last line without newline).
     fn finish(&mut self) -> Option<Frame> {
-        if !self.buf.is_empty() {
-            self.buf.extend_from_slice(b"\n\n");
-            return self.next_frame();
+        if self.pending.is_empty() && self.partial.is_empty() {
+            return None;
         }
-        None
+        let mut rest = std::mem::take(&mut self.partial);
+        rest.extend_from_slice(&self.pending);
+        rest.extend_from_slice(b"\n\n");
+        self.pending = rest.freeze();
+        self.next_frame()
+    }
+
+    /// The next whole line, its newline included; `None` keeps what there
+    /// is of the line for the next read.
+    fn next_line(&mut self) -> Option<Bytes> {
+        let Some(pos) = memchr::memchr(b'\n', &self.pending) else {
+            self.partial.extend_from_slice(&std::mem::take(&mut self.pending));
+            return None;
+        };
+        // The last line of a read takes the read itself, so the framer
+        // keeps no hold on its memory while it waits for the next one.
+        let line = if pos + 1 == self.pending.len() { std::mem::take(&mut self.pending) } else { self.pending.split_to(pos + 1) };
+        if self.partial.is_empty() {
+            return Some(line);
+        }
+        self.partial.extend_from_slice(&line);
+        Some(self.partial.split().freeze())
     }
 
     fn next_frame(&mut self) -> Option<Frame> {
-        while let Some(pos) = memchr::memchr(b'\n', &self.buf) {
-            let end = if pos > 0 && self.buf[pos - 1] == b'\r' { pos - 1 } else { pos };
+        while let Some(line) = self.next_line() {
+            let pos = line.len() - 1;
+            let end = if pos > 0 && line[pos - 1] == b'\r' { pos - 1 } else { pos };
             if !self.sse {
-                let raw = self.buf.split_to(pos + 1).freeze();
                 // JSON's whitespace is ASCII.
-                if raw[..end].trim_ascii().is_empty() {
+                if line[..end].trim_ascii().is_empty() {
                     continue;
                 }
-                return Some(Frame::Data(Chunk { json: raw.slice(..end), line: Some(raw) }));
+                return Some(Frame::Data(Chunk { json: line.slice(..end), line: Some(line) }));
             }
             if end == 0 {
-                self.buf.advance(pos + 1);
-                if self.event.is_empty() {
-                    continue;
-                }
-                let data = std::mem::take(&mut self.event);
+                // An event whose data is empty is no frame.
+                let data = match self.data.take() {
+                    Some(one) if !one.is_empty() => one,
+                    _ if self.joined.is_empty() => continue,
+                    _ => Bytes::from(std::mem::take(&mut self.joined)),
+                };
                 return Some(if data.trim_ascii() == b"[DONE]" {
                     Frame::Done
                 } else {
-                    Frame::Data(Chunk { json: Bytes::from(data), line: None })
+                    Frame::Data(Chunk { json: data, line: None })
                 });
             }
-            if let Some(data) = self.buf[..end].strip_prefix(b"data:") {
-                if !self.event.is_empty() {
-                    self.event.push(b'\n');
+            if let Some(data) = line[..end].strip_prefix(b"data:") {
+                let start = end - data.len() + usize::from(data.first() == Some(&b' '));
+                let data = line.slice(start..end);
+                if let Some(first) = self.data.take() {
+                    self.joined.extend_from_slice(&first);
                 }
-                self.event.extend_from_slice(data.strip_prefix(b" ").unwrap_or(data));
+                if self.joined.is_empty() {
+                    self.data = Some(data);
+                } else {
+                    self.joined.push(b'\n');
+                    self.joined.extend_from_slice(&data);
+                }
             }
             // comments (":…"), `event:`, `id:` and `retry:` lines carry nothing we relay
-            self.buf.advance(pos + 1);
         }
         None
     }
@@ -494,7 +532,7 @@ impl RelayJob {
                     };
                     match read {
                         Read::Bytes(bytes) => {
-                            framer.push(&bytes);
+                            framer.push(bytes);
                             continue;
                         }
                         Read::End => framer.finish(),
@@ -834,7 +872,7 @@ mod tests {
         let mut f = Framer { sse, ..Default::default() };
         let mut out = Vec::new();
         for part in input {
-            f.push(part.as_ref());
+            f.push(Bytes::copy_from_slice(part.as_ref()));
             while let Some(fr) = f.next_frame() {
                 out.push(fr);
             }
@@ -886,6 +924,22 @@ mod tests {
     }
 
     #[test]
+    fn a_line_within_one_read_is_a_slice_of_it_and_the_read_is_let_go() {
+        for sse in [false, true] {
+            // From a String: a static `Bytes` is never unique.
+            let read = Bytes::from(String::from(if sse { "data: {\"a\":1}\n\n" } else { "{\"a\":1}\n" }));
+            let mut f = Framer { sse, ..Default::default() };
+            f.push(read.clone());
+            let Some(Frame::Data(c)) = f.next_frame() else { panic!("no frame") };
+            assert_eq!(c.json, "{\"a\":1}");
+            assert_eq!(c.json.as_ptr(), read[if sse { 6 } else { 0 }..].as_ptr(), "a slice of the read, not a copy");
+            assert!(f.next_frame().is_none());
+            drop(c);
+            assert!(read.is_unique(), "the framer holds nothing of a read it has framed");
+        }
+    }
+
+    #[test]
     fn outbox_sends_what_it_holds_in_order_and_in_one_piece() {
         let mut o = Outbox::default();
         assert_eq!(o.take(), None);
@@ -931,7 +985,75 @@ mod fuzz {
         out
     }
 
+    /// The framer as it was before lines were sliced from the reads (one
+    /// buffer that every read is copied into): the oracle for
+    /// `framing_is_what_it_was`.
+    fn copying_frames(sse: bool, input: &[Vec<u8>]) -> Vec<Frame> {
+        let (mut buf, mut event, mut out) = (BytesMut::new(), Vec::<u8>::new(), Vec::new());
+        let mut drain = |buf: &mut BytesMut, out: &mut Vec<Frame>| {
+            while let Some(pos) = memchr::memchr(b'\n', buf) {
+                let end = if pos > 0 && buf[pos - 1] == b'\r' { pos - 1 } else { pos };
+                if !sse {
+                    let raw = buf.split_to(pos + 1).freeze();
+                    if !raw[..end].trim_ascii().is_empty() {
+                        out.push(Frame::Data(Chunk { json: raw.slice(..end), line: Some(raw) }));
+                    }
+                    continue;
+                }
+                if end == 0 {
+                    buf.advance(pos + 1);
+                    if !event.is_empty() {
+                        let data = std::mem::take(&mut event);
+                        out.push(if data.trim_ascii() == b"[DONE]" { Frame::Done } else { Frame::Data(Chunk { json: Bytes::from(data), line: None }) });
+                    }
+                    continue;
+                }
+                if let Some(data) = buf[..end].strip_prefix(b"data:") {
+                    if !event.is_empty() {
+                        event.push(b'\n');
+                    }
+                    event.extend_from_slice(data.strip_prefix(b" ").unwrap_or(data));
+                }
+                buf.advance(pos + 1);
+            }
+        };
+        for part in input {
+            buf.extend_from_slice(part);
+            drain(&mut buf, &mut out);
+        }
+        if !buf.is_empty() {
+            buf.extend_from_slice(b"\n\n");
+            drain(&mut buf, &mut out);
+        }
+        out
+    }
+
     proptest! {
+        /// Any bytes, however cut, give the frames the copying framer gave
+        /// (frames compare by their text and lines).
+        #[test]
+        fn framing_is_what_it_was(
+            parts in proptest::collection::vec(
+                proptest::collection::vec(prop_oneof![
+                    4 => any::<u8>(),
+                    2 => Just(b'\n'),
+                    1 => Just(b'\r'),
+                    1 => Just(b' '),
+                    1 => Just(b':'),
+                ], 0..40).prop_map(|mut v| {
+                    // Often a data line, so SSE events form.
+                    if v.first().is_some_and(|b| b % 2 == 0) {
+                        v.splice(0..0, b"data:".iter().copied());
+                    }
+                    v
+                }),
+                0..12,
+            ),
+            sse in any::<bool>(),
+        ) {
+            prop_assert_eq!(super::tests::frames(sse, &parts), copying_frames(sse, &parts));
+        }
+
         /// However the network cuts a stream, the same frames come out.
         #[test]
         fn framing_does_not_depend_on_read_boundaries(
