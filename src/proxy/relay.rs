@@ -16,7 +16,7 @@ use std::{
 };
 
 use axum::{body::Body, http::StatusCode};
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -968,6 +968,7 @@ mod tests {
 
 #[cfg(test)]
 mod fuzz {
+    use bytes::Buf;
     use proptest::prelude::*;
 
     use super::*;
