@@ -12,10 +12,10 @@ pub struct MemoryStore {
     inner: Mutex<Inner>,
 }
 
-#[derive(Debug, Default)]
 /// Fx hashing: the maps' keys are key ids, dates and the gateway's own
 /// random reservation ids, nothing a client chooses (SipHash's defence
 /// against chosen collisions would cost some 400 instructions a lookup).
+#[derive(Debug, Default)]
 struct Inner {
     buckets: FxHashMap<BucketRef, Bucket>,
     /// key id → reservation id → reservation

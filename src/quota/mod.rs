@@ -209,10 +209,15 @@ pub fn fast_id() -> String {
 }
 
 /// `n` as 32 lowercase hex digits, most significant first: what
-/// `format!("{n:032x}")` writes, without the formatting machinery (a
-/// fifth of the instructions; two ids a request).
+/// `format!("{n:032x}")` writes, without the formatter's padding path
+/// (two ids a request).
 fn hex_id(n: u128) -> String {
-    hex::encode(n.to_be_bytes())
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = vec![0; 32];
+    for (i, d) in out.iter_mut().enumerate() {
+        *d = DIGITS[(n >> (124 - 4 * i)) as usize & 0xf];
+    }
+    String::from_utf8(out).expect("hex digits are ASCII")
 }
 
 /// The store in use; nothing outside `quota` needs to know which.
