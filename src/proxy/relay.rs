@@ -135,10 +135,9 @@ struct Framer {
     pending: Bytes,
     /// A line cut by the end of a read, gathered until its newline comes.
     partial: BytesMut,
-    /// SSE: the data of the event being read: its one data line, as it came.
+    /// SSE: the data of the event being read: its one data line as it
+    /// came, or its data lines joined.
     data: Option<Bytes>,
-    /// SSE: the data lines joined, once there is more than one.
-    joined: Vec<u8>,
 }
 
 impl Framer {
@@ -191,11 +190,7 @@ impl Framer {
             }
             if end == 0 {
                 // An event whose data is empty is no frame.
-                let data = match self.data.take() {
-                    Some(one) if !one.is_empty() => one,
-                    _ if self.joined.is_empty() => continue,
-                    _ => Bytes::from(std::mem::take(&mut self.joined)),
-                };
+                let Some(data) = self.data.take().filter(|d| !d.is_empty()) else { continue };
                 return Some(if data.trim_ascii() == b"[DONE]" {
                     Frame::Done
                 } else {
@@ -205,15 +200,17 @@ impl Framer {
             if let Some(data) = line[..end].strip_prefix(b"data:") {
                 let start = end - data.len() + usize::from(data.first() == Some(&b' '));
                 let data = line.slice(start..end);
-                if let Some(first) = self.data.take() {
-                    self.joined.extend_from_slice(&first);
-                }
-                if self.joined.is_empty() {
-                    self.data = Some(data);
-                } else {
-                    self.joined.push(b'\n');
-                    self.joined.extend_from_slice(&data);
-                }
+                self.data = Some(match self.data.take().filter(|d| !d.is_empty()) {
+                    None => data,
+                    // A second data line: joined in a buffer of the
+                    // framer's own, grown in place from then on.
+                    Some(before) => {
+                        let mut joined = before.try_into_mut().unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+                        joined.extend_from_slice(b"\n");
+                        joined.extend_from_slice(&data);
+                        joined.freeze()
+                    }
+                });
             }
             // comments (":…"), `event:`, `id:` and `retry:` lines carry nothing we relay
         }
