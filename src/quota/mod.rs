@@ -210,13 +210,11 @@ pub fn fast_id() -> String {
 
 /// `n` as 32 lowercase hex digits, most significant first: what
 /// `format!("{n:032x}")` writes, without the formatter's padding path
-/// (two ids a request).
+/// (two ids a request). `hex::encode_to_slice`, not `hex::encode`, which
+/// collects `char`s and costs more than the formatter.
 fn hex_id(n: u128) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = vec![0; 32];
-    for (i, d) in out.iter_mut().enumerate() {
-        *d = DIGITS[(n >> (124 - 4 * i)) as usize & 0xf];
-    }
+    hex::encode_to_slice(n.to_be_bytes(), &mut out).expect("32 digits for 16 bytes");
     String::from_utf8(out).expect("hex digits are ASCII")
 }
 
