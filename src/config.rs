@@ -64,6 +64,8 @@ pub struct Config {
     pub log_format: LogFormat,
     pub max_body_bytes: usize,
     pub body_timeout: Duration,
+    /// How long a client connection may wait for its next request.
+    pub keepalive_timeout: Duration,
     pub upstream_connect_timeout: Duration,
     pub upstream_timeout: Duration,
     pub upstream_idle_timeout: Duration,
@@ -229,6 +231,7 @@ impl Config {
             })?,
             max_body_bytes: env.parse("MAX_BODY_BYTES", 16 * 1024 * 1024, parse_num("a number of bytes"))?,
             body_timeout: env.parse("BODY_TIMEOUT", Duration::from_secs(30), parse_duration)?,
+            keepalive_timeout: env.parse("KEEPALIVE_TIMEOUT", Duration::from_secs(75), parse_duration)?,
             upstream_connect_timeout: env.parse("UPSTREAM_CONNECT_TIMEOUT", Duration::from_secs(5), parse_duration)?,
             upstream_timeout: env.parse("UPSTREAM_TIMEOUT", Duration::from_secs(300), parse_duration)?,
             upstream_idle_timeout: env.parse("UPSTREAM_IDLE_TIMEOUT", Duration::from_secs(300), parse_duration)?,
@@ -239,6 +242,9 @@ impl Config {
         };
         if config.flush_interval.is_zero() {
             return Err(ConfigError { var: "FLUSH_INTERVAL", value: "0".into(), reason: "must be positive".into() });
+        }
+        if config.keepalive_timeout.is_zero() {
+            return Err(ConfigError { var: "KEEPALIVE_TIMEOUT", value: "0".into(), reason: "must be positive".into() });
         }
         if cluster && config.admin_password.is_none() {
             return Err(ConfigError {
@@ -277,6 +283,7 @@ mod tests {
         assert_eq!(c.database_url, "sqlite://./data/llm-quota.db");
         assert!(c.migrate_on_start);
         assert_eq!(c.quota_failure_mode, FailureMode::Closed);
+        assert_eq!(c.keepalive_timeout, Duration::from_secs(75));
     }
 
     #[test]
@@ -287,6 +294,8 @@ mod tests {
         assert!(e.to_string().starts_with("PROXY_PORT=80000:"), "{e}");
         let e = cfg(&[("FLUSH_INTERVAL", "5 parsecs")]).unwrap_err();
         assert!(e.to_string().starts_with("FLUSH_INTERVAL=5 parsecs:"), "{e}");
+        let e = cfg(&[("KEEPALIVE_TIMEOUT", "0")]).unwrap_err();
+        assert_eq!(e.to_string(), "KEEPALIVE_TIMEOUT=0: must be positive");
         let e = cfg(&[("OLLAMA_URL", "ftp://x")]).unwrap_err();
         assert!(e.to_string().starts_with("OLLAMA_URL=ftp://x:"), "{e}");
         let e = cfg(&[("REDIS_URL", "redis://127.0.0.1")]).unwrap_err();

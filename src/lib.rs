@@ -11,6 +11,7 @@ pub mod events;
 pub mod metrics;
 pub mod proxy;
 pub mod quota;
+pub mod serve;
 pub mod store;
 pub mod telemetry;
 pub mod tokens;
@@ -330,19 +331,8 @@ impl App {
         let flusher = tokio::spawn(quota::flush::run(state.flusher.clone(), state.config.flush_interval, flush_stop.clone()));
         let listener = state.cluster_events.clone().map(|ev| tokio::spawn(ev.listen(state.clone(), flush_stop.clone())));
 
-        let serve = |listener: TcpListener, app: Router| {
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                // Without TCP_NODELAY, small stream chunks wait for the
-                // client's delayed ACK (~40 ms each).
-                let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-                    let _ = tcp.set_nodelay(true);
-                });
-                axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await
-            })
-        };
+        let keepalive = state.config.keepalive_timeout;
+        let serve = |listener: TcpListener, app: Router| tokio::spawn(serve::serve(listener, app, stop.clone(), keepalive));
         let proxy_task = serve(self.proxy, proxy_app);
         let admin_task = serve(self.admin, admin_app);
         let metrics_task = serve(self.metrics, metrics_app);

@@ -489,6 +489,69 @@ async fn shutdown_lets_an_in_flight_stream_finish_and_persists_its_usage() {
     assert_eq!(db.event_totals(id).await.unwrap().0, 1);
 }
 
+/// Reads one HTTP/1.1 response with a `content-length` off `tcp`.
+async fn read_response(tcp: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(n > 0, "connection closed mid-response: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                .expect("content-length");
+            if got.len() >= end + 4 + len {
+                return text;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn idle_client_connections_are_closed_but_a_longer_stream_is_not() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let timeout = Duration::from_millis(300);
+    let app = TestApp::spawn_with(Options::default().env("KEEPALIVE_TIMEOUT", "300ms")).await;
+    let (_, key) = app.key("k").await;
+    let addr = app.proxy.trim_start_matches("http://").to_string();
+
+    // Served, then left idle: the gateway closes it (read gives EOF).
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tcp.write_all(b"GET /readyz HTTP/1.1\r\nhost: gw\r\n\r\n").await.unwrap();
+    assert!(read_response(&mut tcp).await.starts_with("HTTP/1.1 200"));
+    let idle = std::time::Instant::now();
+    let mut rest = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(30), tcp.read(&mut rest))
+        .await
+        .expect("an idle connection is closed")
+        .unwrap();
+    assert_eq!(n, 0, "EOF, not data");
+    assert!(idle.elapsed() >= timeout, "closed after {:?}, before the timeout", idle.elapsed());
+
+    // Opened and never used: closed as well.
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(30), silent.read(&mut rest)).await.expect("closed").unwrap();
+    assert_eq!(n, 0);
+
+    // A stream that runs longer than the timeout finishes, and its
+    // connection then serves another request.
+    app.mock.state.set_chunk_delay(Duration::from_millis(100));
+    let client = reqwest::Client::builder().pool_max_idle_per_host(1).build().unwrap();
+    let started = std::time::Instant::now();
+    let resp = client.post(format!("{}/api/chat", app.proxy)).bearer_auth(&key).json(&chat(MODEL, "hi")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let last = ndjson(&resp.text().await.unwrap()).pop().unwrap();
+    assert_eq!(last["done"], true, "the stream ran to its end: {last}");
+    assert!(started.elapsed() > timeout * 2, "the stream outlasted the timeout ({:?})", started.elapsed());
+    app.mock.state.set_chunk_delay(Duration::ZERO);
+    let again = client.get(format!("{}/readyz", app.proxy)).send().await.unwrap();
+    assert_eq!(again.status(), 200);
+}
+
 #[tokio::test]
 async fn official_python_clients_work_through_the_gateway() {
     let app = TestApp::spawn().await;
