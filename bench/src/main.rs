@@ -40,6 +40,8 @@ const USAGE: &str = "usage: llm-quota-bench [--quick] [--mode embedded|cluster] 
   --trace FILE     write every request of the rate ramp to FILE (CSV: side, rate, start, latency)
   mock [PORT]      only serve the mock upstream (prints `PORT <n>`)";
 
+/// Client connections opened and left idle to see what one costs.
+const IDLE_CONNECTIONS: usize = 1000;
 const PHASES: [&str; 6] = ["sanity", "latency", "cpu", "stream", "throughput", "streams"];
 
 pub struct Args {
@@ -398,6 +400,20 @@ async fn measure(
                 loader.unary(sides.get(w), api, body.clone()).await;
             }
         }
+    }
+    // What an idle client connection holds (until KEEPALIVE_TIMEOUT closes
+    // it), measured on the fresh gateway: later, memory the phases freed
+    // would be reused by the connections and hide their cost.
+    eprintln!("bench: {IDLE_CONNECTIONS} idle client connections");
+    match phases::idle_connections(sides.gateway, pid, IDLE_CONNECTIONS).await {
+        Ok((before, after)) => {
+            r.rss.push((format!("with {IDLE_CONNECTIONS} idle client connections open (one request each)"), after));
+            r.idle_connection_bytes = Some(after.saturating_sub(before) * 1024 / IDLE_CONNECTIONS as u64);
+            // One flush later the gateway has handed the freed pages back.
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            r.rss.push(("after they closed (one flush later)".into(), sys::rss_kib(pid).unwrap_or(0)));
+        }
+        Err(e) => eprintln!("bench: idle connections not measured: {e:#}"),
     }
     if on("sanity") {
         eprintln!("bench: sanity — one request of each kind to both sides");

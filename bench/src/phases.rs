@@ -545,3 +545,41 @@ pub async fn crowds(loader: &Loader, sides: &Sides<'_>, levels: &[usize], ramp: 
     }
     out
 }
+
+/// What an idle client connection costs the gateway: `n` connections that
+/// made one request each (`GET /readyz`) and stay open, the gateway's RSS
+/// before and after (KiB). They close when this returns.
+pub async fn idle_connections(gateway: &Target, pid: u32, n: usize) -> anyhow::Result<(u64, u64)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = gateway.base.trim_start_matches("http://");
+    let before = sys::rss_kib(pid).unwrap_or(0);
+    let mut open = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.write_all(b"GET /readyz HTTP/1.1\r\nhost: bench\r\n\r\n").await?;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        loop {
+            let k = tcp.read(&mut buf).await?;
+            anyhow::ensure!(k > 0, "the gateway closed the connection before answering /readyz");
+            got.extend_from_slice(&buf[..k]);
+            let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            anyhow::ensure!(head.starts_with("http/1.1 200"), "/readyz answered {}", head.lines().next().unwrap_or(""));
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("/readyz answered without a content-length"))?;
+            if got.len() >= end + 4 + len {
+                break;
+            }
+        }
+        open.push(tcp);
+    }
+    // Let the gateway's connection tasks settle into their idle wait.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = sys::rss_kib(pid).unwrap_or(0);
+    drop(open);
+    Ok((before, after))
+}

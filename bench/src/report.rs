@@ -64,6 +64,8 @@ pub struct Report {
     pub threads_end: u64,
     /// Open descriptors once the load stopped, and after `--linger`.
     pub fds_idle: usize,
+    /// RSS added per idle client connection (bytes), from `idle_connections`.
+    pub idle_connection_bytes: Option<u64>,
     pub fds_linger: Option<usize>,
     pub gateway_cpu_total: Duration,
     /// CPU time of all other processes on the machine while measuring.
@@ -480,11 +482,12 @@ impl Report {
             let _ = writeln!(o, "| VmHWM (high-water mark of the run) | {} |", mib(self.hwm_kib));
             let _ = writeln!(
                 o,
-                "\nthreads {} at start, {} at the end; {} open fds once the load stopped{}; {:.1} s CPU in all",
+                "\nthreads {} at start, {} at the end; {} open fds once the load stopped{}{}; {:.1} s CPU in all",
                 self.threads_idle,
                 self.threads_end,
                 self.fds_idle,
                 self.fds_linger.map_or_else(String::new, |n| format!(", {n} after lingering")),
+                self.idle_connection_bytes.map_or_else(String::new, |b| format!("; {:.1} KiB per idle client connection", b as f64 / 1024.0)),
                 self.gateway_cpu_total.as_secs_f64()
             );
         }
