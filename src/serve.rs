@@ -56,6 +56,9 @@ pub async fn serve(listener: TcpListener, app: Router, stop: CancellationToken, 
             let _ = conn.await;
         });
     }
+    // New connections are refused from now on (a load balancer in front
+    // tries another replica), not left waiting in the accept queue.
+    drop(listener);
     conns.close();
     conns.wait().await;
 }

@@ -87,6 +87,11 @@ impl TestApp {
         TestApp { proxy, admin, metrics, state, mock, http: reqwest::Client::new(), dir, stop, handle: Some(handle) }
     }
 
+    /// Stop as SIGTERM would, without waiting (`shutdown` waits).
+    pub fn begin_shutdown(&self) {
+        self.stop.cancel();
+    }
+
     /// Stop as SIGTERM would, and wait until the app has finished.
     pub async fn shutdown(&mut self) {
         self.stop.cancel();

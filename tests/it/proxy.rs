@@ -553,6 +553,37 @@ async fn idle_client_connections_are_closed_but_a_longer_stream_is_not() {
 }
 
 #[tokio::test]
+async fn a_stopping_gateway_refuses_new_connections_while_a_stream_finishes() {
+    let mut app = TestApp::spawn().await;
+    let (_, key) = app.key("k").await;
+    app.mock.state.set_chunk_delay(Duration::from_millis(100));
+    let resp = app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap();
+    let mut body = resp.bytes_stream();
+    let mut got = body.next().await.unwrap().unwrap().to_vec();
+    app.begin_shutdown();
+    let addr = app.proxy.trim_start_matches("http://").to_string();
+    eventually("a new connection refused", || {
+        let addr = addr.clone();
+        async move {
+            match tokio::net::TcpStream::connect(&addr).await {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await;
+    // Refused while the stream (12 chunks, 100 ms apart) still ran, not
+    // only once the last connection had closed.
+    assert_eq!(app.mock.state.completed_streams(), 0, "the upstream stream had already finished");
+    while let Some(Ok(b)) = body.next().await {
+        got.extend_from_slice(&b);
+    }
+    let last = ndjson(&String::from_utf8(got).unwrap()).pop().unwrap();
+    assert_eq!(last["done"], true, "the stream in progress ran to its end");
+    app.shutdown().await;
+}
+
+#[tokio::test]
 async fn official_python_clients_work_through_the_gateway() {
     let app = TestApp::spawn().await;
     let (_, key) = app.key("python").await;
