@@ -409,9 +409,10 @@ async fn measure(
         Ok((before, after)) => {
             r.rss.push((format!("with {IDLE_CONNECTIONS} idle client connections open (one request each)"), after));
             r.idle_connection_bytes = Some(after.saturating_sub(before) * 1024 / IDLE_CONNECTIONS as u64);
-            // One flush later the gateway has handed the freed pages back.
+            // The gateway hands freed pages back after each flush (every
+            // FLUSH_INTERVAL, 5 s unless the environment says otherwise).
             tokio::time::sleep(Duration::from_secs(6)).await;
-            r.rss.push(("after they closed (one flush later)".into(), sys::rss_kib(pid).unwrap_or(0)));
+            r.rss.push(("6 s after they closed".into(), sys::rss_kib(pid).unwrap_or(0)));
         }
         Err(e) => eprintln!("bench: idle connections not measured: {e:#}"),
     }

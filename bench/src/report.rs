@@ -64,9 +64,9 @@ pub struct Report {
     pub threads_end: u64,
     /// Open descriptors once the load stopped, and after `--linger`.
     pub fds_idle: usize,
+    pub fds_linger: Option<usize>,
     /// RSS added per idle client connection (bytes), from `idle_connections`.
     pub idle_connection_bytes: Option<u64>,
-    pub fds_linger: Option<usize>,
     pub gateway_cpu_total: Duration,
     /// CPU time of all other processes on the machine while measuring.
     pub foreign_cpu: Duration,
