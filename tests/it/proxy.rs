@@ -552,19 +552,31 @@ async fn idle_client_connections_are_closed_but_a_longer_stream_is_not() {
     let n = tokio::time::timeout(Duration::from_secs(30), silent.read(&mut rest)).await.expect("closed").unwrap();
     assert_eq!(n, 0);
 
-    // A stream that runs longer than the timeout finishes, and its
+    // A stream that runs longer than the timeout finishes, and the same
     // connection then serves another request.
     app.mock.state.set_chunk_delay(Duration::from_millis(100));
-    let client = reqwest::Client::builder().pool_max_idle_per_host(1).build().unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let body = chat(MODEL, "hi").to_string();
+    let post = format!(
+        "POST /api/chat HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
     let started = std::time::Instant::now();
-    let resp = client.post(format!("{}/api/chat", app.proxy)).bearer_auth(&key).json(&chat(MODEL, "hi")).send().await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let last = ndjson(&resp.text().await.unwrap()).pop().unwrap();
-    assert_eq!(last["done"], true, "the stream ran to its end: {last}");
+    tcp.write_all(post.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // A streamed answer is chunked; the empty last chunk ends it.
+    while !got.ends_with(b"\r\n0\r\n\r\n") {
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the stream was cut: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\"done\":true"), "the stream ran to its end: {text}");
     assert!(started.elapsed() > timeout * 2, "the stream outlasted the timeout ({:?})", started.elapsed());
-    app.mock.state.set_chunk_delay(Duration::ZERO);
-    let again = client.get(format!("{}/readyz", app.proxy)).send().await.unwrap();
-    assert_eq!(again.status(), 200);
+    tcp.write_all(b"GET /readyz HTTP/1.1\r\nhost: gw\r\n\r\n").await.unwrap();
+    assert!(read_response(&mut tcp).await.starts_with("HTTP/1.1 200"));
 }
 
 #[tokio::test]
