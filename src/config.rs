@@ -122,6 +122,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// A duration that must not be zero (an interval, an idle limit).
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s).and_then(|d| if d.is_zero() { Err("must be positive".into()) } else { Ok(d) })
+}
+
 fn parse_bool(s: &str) -> Result<bool, String> {
     match s.to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
@@ -216,7 +221,7 @@ impl Config {
                 _ => Err("expected a positive number of tokens".into()),
             })?,
             reservation_ttl: env.parse("RESERVATION_TTL", Duration::from_secs(600), parse_duration)?,
-            flush_interval: env.parse("FLUSH_INTERVAL", Duration::from_secs(5), parse_duration)?,
+            flush_interval: env.parse("FLUSH_INTERVAL", Duration::from_secs(5), parse_positive_duration)?,
             quota_failure_mode: env.parse("QUOTA_FAILURE_MODE", FailureMode::Closed, |s| match s {
                 "closed" => Ok(FailureMode::Closed),
                 "open" => Ok(FailureMode::Open),
@@ -231,7 +236,7 @@ impl Config {
             })?,
             max_body_bytes: env.parse("MAX_BODY_BYTES", 16 * 1024 * 1024, parse_num("a number of bytes"))?,
             body_timeout: env.parse("BODY_TIMEOUT", Duration::from_secs(30), parse_duration)?,
-            keepalive_timeout: env.parse("KEEPALIVE_TIMEOUT", Duration::from_secs(75), parse_duration)?,
+            keepalive_timeout: env.parse("KEEPALIVE_TIMEOUT", Duration::from_secs(75), parse_positive_duration)?,
             upstream_connect_timeout: env.parse("UPSTREAM_CONNECT_TIMEOUT", Duration::from_secs(5), parse_duration)?,
             upstream_timeout: env.parse("UPSTREAM_TIMEOUT", Duration::from_secs(300), parse_duration)?,
             upstream_idle_timeout: env.parse("UPSTREAM_IDLE_TIMEOUT", Duration::from_secs(300), parse_duration)?,
@@ -240,12 +245,6 @@ impl Config {
             usage_retention_days: env.parse("USAGE_RETENTION_DAYS", 90, parse_num("a number of days"))?,
             redis_url,
         };
-        if config.flush_interval.is_zero() {
-            return Err(ConfigError { var: "FLUSH_INTERVAL", value: "0".into(), reason: "must be positive".into() });
-        }
-        if config.keepalive_timeout.is_zero() {
-            return Err(ConfigError { var: "KEEPALIVE_TIMEOUT", value: "0".into(), reason: "must be positive".into() });
-        }
         if cluster && config.admin_password.is_none() {
             return Err(ConfigError {
                 var: "ADMIN_PASSWORD",
@@ -296,6 +295,8 @@ mod tests {
         assert!(e.to_string().starts_with("FLUSH_INTERVAL=5 parsecs:"), "{e}");
         let e = cfg(&[("KEEPALIVE_TIMEOUT", "0")]).unwrap_err();
         assert_eq!(e.to_string(), "KEEPALIVE_TIMEOUT=0: must be positive");
+        let e = cfg(&[("FLUSH_INTERVAL", "0ms")]).unwrap_err();
+        assert_eq!(e.to_string(), "FLUSH_INTERVAL=0ms: must be positive");
         let e = cfg(&[("OLLAMA_URL", "ftp://x")]).unwrap_err();
         assert!(e.to_string().starts_with("OLLAMA_URL=ftp://x:"), "{e}");
         let e = cfg(&[("REDIS_URL", "redis://127.0.0.1")]).unwrap_err();
