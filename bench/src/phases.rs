@@ -577,8 +577,8 @@ pub async fn idle_connections(gateway: &Target, pid: u32, n: usize) -> anyhow::R
         }
         open.push(tcp);
     }
-    // Let the gateway's connection tasks settle into their idle wait.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Each connection has had its answer: its task waits for the next
+    // request, holding what it will hold while idle.
     let after = sys::rss_kib(pid).unwrap_or(0);
     drop(open);
     Ok((before, after))
