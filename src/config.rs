@@ -32,6 +32,17 @@ pub enum FailureMode {
     Open,
 }
 
+/// Which HTTP client the generation requests take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamClient {
+    /// The gateway's own HTTP/1.1 client (hyper) for a plain-HTTP upstream
+    /// that no proxy variable applies to; reqwest for the rest (HTTPS, a
+    /// proxy).
+    Auto,
+    /// reqwest for every upstream.
+    Reqwest,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Json,
@@ -67,6 +78,7 @@ pub struct Config {
     /// How long a client connection may wait for its next request.
     pub keepalive_timeout: Duration,
     pub upstream_connect_timeout: Duration,
+    pub upstream_client: UpstreamClient,
     pub upstream_timeout: Duration,
     pub upstream_idle_timeout: Duration,
     pub shutdown_grace: Duration,
@@ -238,6 +250,11 @@ impl Config {
             body_timeout: env.parse("BODY_TIMEOUT", Duration::from_secs(30), parse_duration)?,
             keepalive_timeout: env.parse("KEEPALIVE_TIMEOUT", Duration::from_secs(75), parse_positive_duration)?,
             upstream_connect_timeout: env.parse("UPSTREAM_CONNECT_TIMEOUT", Duration::from_secs(5), parse_duration)?,
+            upstream_client: env.parse("UPSTREAM_CLIENT", UpstreamClient::Auto, |s| match s {
+                "auto" => Ok(UpstreamClient::Auto),
+                "reqwest" => Ok(UpstreamClient::Reqwest),
+                _ => Err("expected auto or reqwest".into()),
+            })?,
             upstream_timeout: env.parse("UPSTREAM_TIMEOUT", Duration::from_secs(300), parse_duration)?,
             upstream_idle_timeout: env.parse("UPSTREAM_IDLE_TIMEOUT", Duration::from_secs(300), parse_duration)?,
             shutdown_grace: env.parse("SHUTDOWN_GRACE", Duration::from_secs(30), parse_duration)?,

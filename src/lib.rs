@@ -31,8 +31,12 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::{
-    config::{Config, Secret},
-    proxy::{auth::KeyCache, relay::Dialect},
+    config::{Config, Secret, UpstreamClient},
+    proxy::{
+        auth::KeyCache,
+        relay::Dialect,
+        upstream::{self, Target},
+    },
     quota::{
         buckets::{Clock, SystemClock},
         flush::{EventSink, Flusher},
@@ -50,23 +54,19 @@ pub struct Settings {
     pub default_model: String,
     /// The upstream's generation routes, parsed once per change of
     /// `ollama_url` instead of once per request (`None`: it does not parse).
-    generation_urls: [Option<reqwest::Url>; Dialect::ALL.len()],
+    generation_targets: [Option<Target>; Dialect::ALL.len()],
 }
 
 impl Settings {
-    pub fn new(ollama_url: String, default_model: String) -> Settings {
-        let generation_urls = Dialect::ALL.map(|d| reqwest::Url::parse(&route_url(&ollama_url, d)).ok());
-        Settings { ollama_url, default_model, generation_urls }
+    pub fn new(ollama_url: String, default_model: String, client: UpstreamClient) -> Settings {
+        let generation_targets = Dialect::ALL.map(|d| Target::new(&route_url(&ollama_url, d), client));
+        Settings { ollama_url, default_model, generation_targets }
     }
 
-    /// A generation request of `dialect` to the upstream. A URL that does
-    /// not parse goes to reqwest as text, which reports it when the request
-    /// is sent, as any unusable upstream URL.
-    pub fn generation_post(&self, http: &reqwest::Client, dialect: Dialect) -> reqwest::RequestBuilder {
-        match &self.generation_urls[dialect as usize] {
-            Some(url) => http.post(url.clone()),
-            None => http.post(route_url(&self.ollama_url, dialect)),
-        }
+    /// Where generation requests of `dialect` go: `Err` with the URL when
+    /// it does not parse, so the request fails as an unreachable upstream.
+    pub fn generation_target(&self, dialect: Dialect) -> Result<&Target, String> {
+        self.generation_targets[dialect as usize].as_ref().ok_or_else(|| route_url(&self.ollama_url, dialect))
     }
 }
 
@@ -88,6 +88,7 @@ impl SettingsCache {
         let fresh = Settings::new(
             db.get_setting(settings::OLLAMA_URL).await?.unwrap_or_else(|| config.ollama_url.clone()),
             db.get_setting(settings::DEFAULT_MODEL).await?.unwrap_or_else(|| config.default_model.clone()),
+            config.upstream_client,
         );
         if let Ok(mut s) = self.0.write() {
             *s = Arc::new(fresh);
@@ -117,6 +118,8 @@ pub struct Shared {
     pub keys: Arc<KeyCache>,
     pub settings: Arc<SettingsCache>,
     pub http: reqwest::Client,
+    /// Generation requests to a plain-HTTP upstream (see `proxy::upstream`).
+    pub direct: upstream::Direct,
     pub events: EventSink,
     pub admin_password: Secret,
     pub tasks: TaskTracker,
@@ -259,6 +262,7 @@ impl App {
         let settings = Arc::new(SettingsCache(RwLock::new(Arc::new(Settings::new(
             config.ollama_url.clone(),
             config.default_model.clone(),
+            config.upstream_client,
         )))));
         settings.reload(&db, &config).await.context("loading settings")?;
         let proxy = bind(config.proxy_host, config.proxy_port).with_context(|| format!("binding the proxy to {}:{}", config.proxy_host, config.proxy_port))?;
@@ -270,7 +274,8 @@ impl App {
         let proxy_addr = proxy.local_addr()?;
         let (config_redis, config_prefix) = (config.redis_url.clone(), config.redis_prefix.clone());
         let state = AppState(Arc::new(Shared {
-            http: proxy::upstream::client(&config),
+            http: upstream::client(&config),
+            direct: upstream::direct_client(&config),
             keys: Arc::new(KeyCache::new(config.key_cache_ttl)),
             config: Arc::new(config),
             db,
@@ -363,19 +368,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn generation_urls_keep_the_upstream_path() {
-        let http = reqwest::Client::new();
-        let s = Settings::new("http://gpu.internal:8080/ollama".into(), "m".into());
-        let url = |d| s.generation_post(&http, d).build().map(|r| r.url().to_string()).ok();
-        assert_eq!(url(Dialect::OllamaChat).as_deref(), Some("http://gpu.internal:8080/ollama/api/chat"));
-        assert_eq!(url(Dialect::OllamaGenerate).as_deref(), Some("http://gpu.internal:8080/ollama/api/generate"));
-        assert_eq!(url(Dialect::OpenAiChat).as_deref(), Some("http://gpu.internal:8080/ollama/v1/chat/completions"));
-        // A stored value that does not parse makes a request that fails
-        // when it is built or sent, as the upstream call would.
-        let bad = Settings::new("not a url".into(), "m".into());
-        assert!(bad.generation_urls.iter().all(Option::is_none));
-        assert!(bad.generation_post(&http, Dialect::OllamaChat).build().is_err());
-        // `generation_post` indexes by `d as usize`
+    fn generation_targets_keep_the_upstream_path() {
+        let s = Settings::new("http://gpu.internal:8080/ollama".into(), "m".into(), UpstreamClient::Auto);
+        let url = |d| match s.generation_target(d) {
+            Ok(Target::Direct(uri)) => uri.to_string(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(url(Dialect::OllamaChat), "http://gpu.internal:8080/ollama/api/chat");
+        assert_eq!(url(Dialect::OllamaGenerate), "http://gpu.internal:8080/ollama/api/generate");
+        assert_eq!(url(Dialect::OpenAiChat), "http://gpu.internal:8080/ollama/v1/chat/completions");
+        // `generation_target` indexes by `d as usize`
         assert!(Dialect::ALL.iter().enumerate().all(|(i, &d)| d as usize == i));
+        // HTTPS, or reqwest asked for: reqwest, same URL.
+        for (base, client) in [("https://gpu.internal/ollama", UpstreamClient::Auto), ("http://gpu.internal/ollama", UpstreamClient::Reqwest)] {
+            let s = Settings::new(base.into(), "m".into(), client);
+            match s.generation_target(Dialect::OllamaChat) {
+                Ok(Target::Reqwest(url)) => assert_eq!(url.as_str(), format!("{base}/api/chat")),
+                other => panic!("{base}: {other:?}"),
+            }
+        }
+        // A stored value that does not parse fails when the request is
+        // sent, as the upstream call would, naming the URL.
+        let bad = Settings::new("not a url".into(), "m".into(), UpstreamClient::Auto);
+        assert_eq!(bad.generation_target(Dialect::OllamaChat), Err("not a url/api/chat".to_string()));
     }
 }

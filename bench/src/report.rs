@@ -336,7 +336,7 @@ impl Report {
             if self.latency.iter().any(|r| r.h.floor.is_some()) {
                 let _ = writeln!(
                     o,
-                    "\n**floor**: the same requests through a bare proxy on the gateway's CPU (tokio, hyper, reqwest; no key, quota, counting or parsing), \
+                    "\n**floor**: the same requests through a bare proxy on the gateway's CPU (tokio, hyper server and pooled client; no key, quota, counting or parsing), \
                      taking turns with the other two sides: what one more HTTP hop costs on this machine. The gateway's own work is its added minus the floor's."
                 );
             }

@@ -23,6 +23,7 @@ use axum::{
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures_util::future::{self, Either};
+use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
@@ -203,8 +204,9 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
             o.insert("include_usage".into(), Value::Bool(true));
         }
     }
-    let req = settings.generation_post(&state.http, dialect).json(&body);
+    let json = Bytes::from(serde_json::to_vec(&body).expect("a JSON object serialises"));
     drop(body);
+    let target = settings.generation_target(dialect);
     let open = state.config.quota_failure_mode == FailureMode::Open;
     // Pinned here, and lent to `admit_and_send`: moved into it, each would
     // take room twice in this request's future (the argument, and the
@@ -212,7 +214,10 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
     let admit = pin!(state.quota.admit(&state.db, key.id, key.limits, prompt_tokens));
     let send = pin!(async {
         let sent = Instant::now();
-        let upstream = upstream::send(req, state.config.upstream_timeout).await;
+        let upstream = match target {
+            Ok(target) => upstream::post_json(&state.direct, &state.http, target, json, state.config.upstream_timeout).await,
+            Err(url) => Err(upstream::UpstreamFailure::Unreachable(format!("not a URL: {url}"))),
+        };
         metrics::upstream_ttfb(dialect).record(sent.elapsed().as_secs_f64());
         upstream
     });
@@ -270,7 +275,11 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
         // the upstream's failure (refunded); a 4xx counts as a request.
         let status = StatusCode::from_u16(upstream.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
         let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
-        let body = tokio::time::timeout(state.config.upstream_timeout, upstream.bytes()).await.ok().and_then(Result::ok);
+        let body = tokio::time::timeout(state.config.upstream_timeout, upstream.into_body().collect())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|b| b.to_bytes());
         let refund = status.is_server_error();
         settle_refund(&state, &reservation, refund).await;
         fail(&reservation, status, refund);

@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
-use super::{ollama, openai};
+use super::{ollama, openai, upstream};
 use crate::{
     error::ApiError,
     metrics,
@@ -222,7 +222,7 @@ impl Framer {
 enum Read {
     Bytes(Bytes),
     End,
-    Broke(reqwest::Error),
+    Broke(upstream::BoxError),
     /// Nothing for the idle limit.
     Idle,
 }
@@ -230,17 +230,17 @@ enum Read {
 /// The upstream's body, read with an idle limit that costs no timer per
 /// read: one timer, moved on only when it fires before the limit is up.
 struct Reader {
-    body: reqwest::Response,
+    body: upstream::Body,
     limit: Duration,
     timer: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Reader {
-    fn new(body: reqwest::Response, limit: Duration) -> Reader {
+    fn new(body: upstream::Body, limit: Duration) -> Reader {
         Reader { body, limit, timer: Box::pin(tokio::time::sleep(limit)) }
     }
 
-    fn read(read: Result<Option<Bytes>, reqwest::Error>) -> Read {
+    fn read(read: Result<Option<Bytes>, upstream::BoxError>) -> Read {
         match read {
             Ok(Some(bytes)) => Read::Bytes(bytes),
             Ok(None) => Read::End,
@@ -251,7 +251,7 @@ impl Reader {
     /// The next read if the upstream's body already holds it.
     fn ready(&mut self) -> Option<Read> {
         // Reading the body is cancel-safe: a read not finished loses nothing.
-        self.body.chunk().now_or_never().map(Reader::read)
+        upstream::chunk(&mut self.body).now_or_never().map(Reader::read)
     }
 
     /// The next read, or `Idle` when the upstream sends nothing for the
@@ -261,7 +261,7 @@ impl Reader {
         loop {
             tokio::select! {
                 biased;
-                read = self.body.chunk() => return Reader::read(read),
+                read = upstream::chunk(&mut self.body) => return Reader::read(read),
                 () = &mut self.timer => {
                     if tokio::time::Instant::now() >= due {
                         return Read::Idle;
@@ -495,7 +495,7 @@ impl Outbox {
 }
 
 impl RelayJob {
-    pub async fn run(mut self, upstream: reqwest::Response) {
+    pub async fn run(mut self, upstream: upstream::Response) {
         let idle = self.state.config.upstream_idle_timeout;
         let mut run = Run {
             metered: 0,
@@ -510,7 +510,7 @@ impl RelayJob {
             outbox: Outbox::default(),
         };
         let mut framer = Framer { sse: self.meta.dialect.is_sse(), ..Default::default() };
-        let mut upstream = Reader::new(upstream, idle);
+        let mut upstream = Reader::new(upstream.into_body(), idle);
         while run.outcome.is_none() {
             let frame = match framer.next_frame() {
                 Some(f) => Some(f),
@@ -563,7 +563,7 @@ impl RelayJob {
             // dropped unread, it would be closed, and the next request would
             // open a new one (a TCP handshake with the upstream).
             let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
-                while let Ok(Some(_)) = upstream.body.chunk().await {}
+                while let Ok(Some(_)) = upstream::chunk(&mut upstream.body).await {}
             })
             .await;
         }

@@ -648,3 +648,83 @@ async fn usage_events_insert_in_statements_on_sqlite() {
     let app = TestApp::spawn().await;
     events_insert_in_statements_and_skip_repeats(&app.state.db).await;
 }
+
+/// The two upstream clients (hyper's own for a plain-HTTP upstream,
+/// reqwest for HTTPS, a proxy, or `UPSTREAM_CLIENT=reqwest`) relay alike:
+/// answers, streams, a connection kept for the next request, a reset
+/// mid-stream, an upstream status, the 504 of a slow upstream, and the 502
+/// of one that refuses or never takes the connection.
+#[tokio::test]
+async fn both_upstream_clients_relay_answers_failures_and_timeouts_alike() {
+    use llm_quota::proxy::{relay::Dialect, upstream::Target};
+    for client in ["auto", "reqwest"] {
+        let app = TestApp::spawn_with(
+            Options::default().env("UPSTREAM_CLIENT", client).env("UPSTREAM_TIMEOUT", "1s").env("UPSTREAM_CONNECT_TIMEOUT", "300ms"),
+        )
+        .await;
+        let target = app.state.settings.get().generation_target(Dialect::OllamaChat).cloned();
+        match (client, &target) {
+            ("auto", Ok(Target::Direct(_))) | ("reqwest", Ok(Target::Reqwest(_))) => {}
+            _ => panic!("{client}: {target:?}"),
+        }
+        let (id, key) = app.key("k").await;
+
+        let (s, v) = status_and_json(app.post("/api/chat", &key, json!({"model": MODEL, "stream": false,
+            "messages": [{"role": "user", "content": "hi"}]})).send().await.unwrap()).await;
+        assert_eq!(s, 200, "{client}: {v}");
+        assert_eq!(v["message"]["content"], reply_text(12), "{client}");
+        let sent = app.mock.state.last_body().unwrap();
+        assert_eq!(sent["stream"], true, "{client}: the gateway asks for a stream");
+        let mut body = chat(MODEL, "hi");
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+        let events = sse(&app.post("/v1/chat/completions", &key, body).send().await.unwrap().text().await.unwrap());
+        let text: String = events.iter().filter_map(|e| e["choices"][0]["delta"]["content"].as_str()).collect();
+        assert_eq!(text, reply_text(12), "{client}");
+        assert_eq!(events.last().unwrap(), "[DONE]", "{client}");
+        assert!(events[events.len() - 2]["usage"]["total_tokens"].as_u64().unwrap() > 0, "{client}");
+        app.settled().await;
+        assert_eq!(app.mock.state.connections(), 1, "{client}: the finished completions shared one upstream connection");
+
+        app.mock.state.set_failure(Failure::ResetAfter(3));
+        let lines = ndjson(&app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap().text().await.unwrap());
+        assert_eq!(lines.len(), 4, "{client}: {lines:?}");
+        assert!(lines[3]["error"].as_str().unwrap().contains("upstream stream broke"), "{client}: {:?}", lines[3]);
+
+        app.mock.state.set_failure(Failure::Status(503));
+        let r = app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap();
+        assert_eq!(r.status(), 503, "{client}");
+        app.mock.state.set_failure(Failure::None);
+
+        app.mock.state.set_header_delay(Duration::from_secs(5));
+        let (s, v) = status_and_json(app.post("/api/generate", &key, json!({"model": MODEL, "prompt": "x"})).send().await.unwrap()).await;
+        assert_eq!((s, v), (504, json!({"error": "upstream timed out"})), "{client}");
+        app.mock.state.set_header_delay(Duration::ZERO);
+
+        app.admin_json(reqwest::Method::PUT, "/api/settings", Some(json!({"ollama_url": "http://127.0.0.1:9"}))).await;
+        let (s, v) = status_and_json(app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap()).await;
+        assert_eq!((s, v), (502, json!({"error": "upstream unreachable"})), "{client}");
+
+        // A listener whose accept queue is full: Linux drops further SYNs,
+        // so the connection is never made and the connect timeout ends it.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let full = socket.listen(1).unwrap();
+        let addr = full.local_addr().unwrap();
+        let mut fillers = Vec::new();
+        for _ in 0..4 {
+            if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(addr)).await {
+                fillers.push(c);
+            }
+        }
+        app.admin_json(reqwest::Method::PUT, "/api/settings", Some(json!({"ollama_url": format!("http://{addr}")}))).await;
+        let (s, v) = status_and_json(app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap()).await;
+        assert_eq!((s, v), (502, json!({"error": "upstream unreachable"})), "{client}: a connect timeout is 502");
+        drop((fillers, full));
+
+        app.settled().await;
+        let info = app.key_info(id).await;
+        // two answers, the reset stream; the 503, the 504 and the 502s are refunded
+        assert_eq!(info["requests_today"], 3, "{client}: {info}");
+    }
+}
