@@ -103,7 +103,7 @@ impl StreamTiming {
 }
 
 pub struct Loader {
-    client: reqwest::Client,
+    client: RefCell<reqwest::Client>,
     /// Failures by "target route: cause".
     pub errors: RefCell<BTreeMap<String, u64>>,
     /// HTTP statuses seen, by "target status".
@@ -112,17 +112,27 @@ pub struct Loader {
     pub trace: Option<RefCell<Vec<String>>>,
 }
 
+fn client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .no_proxy()
+        .http1_only()
+        .tcp_nodelay(true)
+        .pool_idle_timeout(Duration::from_secs(120))
+        .timeout(Duration::from_secs(120))
+        .build()
+}
+
 impl Loader {
     pub fn new(trace: bool) -> anyhow::Result<Loader> {
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .http1_only()
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(120))
-            .timeout(Duration::from_secs(120))
-            .build()?;
         let trace = trace.then(|| RefCell::new(vec!["side,offered_rps,start_ms,latency_us,ok".to_owned()]));
-        Ok(Loader { client, errors: RefCell::default(), statuses: RefCell::default(), trace })
+        Ok(Loader { client: RefCell::new(client()?), errors: RefCell::default(), statuses: RefCell::default(), trace })
+    }
+
+    /// Closes every idle connection: a new client, the old one's pool
+    /// dropped with it (requests in flight keep theirs until they end).
+    pub fn close_idle_connections(&self) -> anyhow::Result<()> {
+        *self.client.borrow_mut() = client()?;
+        Ok(())
     }
 
     pub fn note_error(&self, t: &Target, api: Api, cause: &str) {
@@ -137,6 +147,7 @@ impl Loader {
     fn request(&self, t: &Target, api: Api, body: Bytes) -> reqwest::RequestBuilder {
         let mut req = self
             .client
+            .borrow()
             .post(format!("{}{}", t.base, api.path()))
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .body(body);

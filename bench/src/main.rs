@@ -439,7 +439,22 @@ async fn measure(
     if on("throughput") {
         eprintln!("bench: request rate against a mock answering in 50 ms");
         r.rates = phases::throughput(&loader, &sides, &plan.rates, plan.rate_round, plan.rate_rounds).await;
-        r.rss.push(("after the rate ramp".into(), sys::rss_kib(pid).unwrap_or(0)));
+        let fds = sys::open_fds(pid).unwrap_or(0);
+        r.rss.push((format!("after the rate ramp ({fds} descriptors open)"), sys::rss_kib(pid).unwrap_or(0)));
+        // An overloaded last level leaves the load generator with thousands
+        // of idle connections, which the gateway would hold (11 KiB and more
+        // each) until KEEPALIVE_TIMEOUT, through the streams phase. Closing
+        // them keeps that phase's memory the streams' own.
+        loader.close_idle_connections()?;
+        let settle = Instant::now();
+        while sys::open_fds(pid).unwrap_or(0) > 200 && settle.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The allocator hands freed memory back on the gateway's next
+        // activity: its periodic flush (FLUSH_INTERVAL, 5 s) at the latest.
+        tokio::time::sleep(Duration::from_secs(6).saturating_sub(settle.elapsed())).await;
+        let fds = sys::open_fds(pid).unwrap_or(0);
+        r.rss.push((format!("6 s after the ramp's client connections closed ({fds} descriptors open)"), sys::rss_kib(pid).unwrap_or(0)));
     }
     if on("streams") {
         eprintln!("bench: concurrent paced streams (64 chunks, 20 ms apart)");
