@@ -314,6 +314,8 @@ mod tests {
         assert_eq!(e.to_string(), "KEEPALIVE_TIMEOUT=0: must be positive");
         let e = cfg(&[("FLUSH_INTERVAL", "0ms")]).unwrap_err();
         assert_eq!(e.to_string(), "FLUSH_INTERVAL=0ms: must be positive");
+        let e = cfg(&[("UPSTREAM_CLIENT", "hyper")]).unwrap_err();
+        assert_eq!(e.to_string(), "UPSTREAM_CLIENT=hyper: expected auto or reqwest");
         let e = cfg(&[("OLLAMA_URL", "ftp://x")]).unwrap_err();
         assert!(e.to_string().starts_with("OLLAMA_URL=ftp://x:"), "{e}");
         let e = cfg(&[("REDIS_URL", "redis://127.0.0.1")]).unwrap_err();

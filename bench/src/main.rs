@@ -42,6 +42,14 @@ const USAGE: &str = "usage: llm-quota-bench [--quick] [--mode embedded|cluster] 
 
 /// Client connections opened and left idle to see what one costs.
 const IDLE_CONNECTIONS: usize = 1000;
+
+/// The gateway's RSS 6 s after `closed` (connections closed then): its
+/// allocator hands freed memory back on the gateway's next activity, the
+/// periodic flush (every FLUSH_INTERVAL, 5 s) at the latest.
+async fn rss_once_released(pid: u32, closed: Instant) -> u64 {
+    tokio::time::sleep_until((closed + Duration::from_secs(6)).into()).await;
+    sys::rss_kib(pid).unwrap_or(0)
+}
 const PHASES: [&str; 6] = ["sanity", "latency", "cpu", "stream", "throughput", "streams"];
 
 pub struct Args {
@@ -409,10 +417,7 @@ async fn measure(
         Ok((before, after)) => {
             r.rss.push((format!("with {IDLE_CONNECTIONS} idle client connections open (one request each)"), after));
             r.idle_connection_bytes = Some(after.saturating_sub(before) * 1024 / IDLE_CONNECTIONS as u64);
-            // The gateway hands freed pages back after each flush (every
-            // FLUSH_INTERVAL, 5 s unless the environment says otherwise).
-            tokio::time::sleep(Duration::from_secs(6)).await;
-            r.rss.push(("6 s after they closed".into(), sys::rss_kib(pid).unwrap_or(0)));
+            r.rss.push(("6 s after they closed".into(), rss_once_released(pid, Instant::now()).await));
         }
         Err(e) => eprintln!("bench: idle connections not measured: {e:#}"),
     }
@@ -450,11 +455,9 @@ async fn measure(
         while sys::open_fds(pid).unwrap_or(0) > 200 && settle.elapsed() < Duration::from_secs(10) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        // The allocator hands freed memory back on the gateway's next
-        // activity: its periodic flush (FLUSH_INTERVAL, 5 s) at the latest.
-        tokio::time::sleep(Duration::from_secs(6).saturating_sub(settle.elapsed())).await;
+        let rss = rss_once_released(pid, settle).await;
         let fds = sys::open_fds(pid).unwrap_or(0);
-        r.rss.push((format!("6 s after the ramp's client connections closed ({fds} descriptors open)"), sys::rss_kib(pid).unwrap_or(0)));
+        r.rss.push((format!("6 s after the ramp's client connections closed ({fds} descriptors open)"), rss));
     }
     if on("streams") {
         eprintln!("bench: concurrent paced streams (64 chunks, 20 ms apart)");

@@ -147,13 +147,27 @@ fn classify_direct(e: hyper_util::client::legacy::Error) -> UpstreamFailure {
     UpstreamFailure::Unreachable(root_cause(&e).to_string())
 }
 
+/// Waits at most `timeout` for `sent`, an upstream's response headers.
+async fn within<T, E>(
+    timeout: Duration,
+    sent: impl std::future::Future<Output = Result<T, E>>,
+    classify: fn(E) -> UpstreamFailure,
+) -> Result<T, UpstreamFailure> {
+    tokio::time::timeout(timeout, sent).await.map_err(|_| UpstreamFailure::Timeout)?.map_err(classify)
+}
+
 /// Send a request and wait at most `timeout` for the response headers.
 pub async fn send(req: reqwest::RequestBuilder, timeout: Duration) -> Result<reqwest::Response, UpstreamFailure> {
-    match tokio::time::timeout(timeout, req.send()).await {
-        Err(_) => Err(UpstreamFailure::Timeout),
-        Ok(Err(e)) => Err(classify(e)),
-        Ok(Ok(resp)) => Ok(resp),
-    }
+    within(timeout, req.send(), classify).await
+}
+
+/// A response with its body boxed as [`Body`], whichever client brought it.
+fn boxed<B>(resp: axum::http::Response<B>) -> Response
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    resp.map(|b| b.map_err(Into::into).boxed_unsync())
 }
 
 /// POST `json` to `target` and wait at most `timeout` for the response
@@ -173,16 +187,11 @@ pub async fn post_json(
             let h = req.headers_mut();
             h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
-            match tokio::time::timeout(timeout, direct.request(req)).await {
-                Err(_) => Err(UpstreamFailure::Timeout),
-                Ok(Err(e)) => Err(classify_direct(e)),
-                Ok(Ok(resp)) => Ok(resp.map(|b| b.map_err(BoxError::from).boxed_unsync())),
-            }
+            within(timeout, direct.request(req), classify_direct).await.map(boxed)
         }
         Target::Reqwest(url) => {
             let req = http.post(url.clone()).header(header::CONTENT_TYPE, "application/json").body(json);
-            let resp = send(req, timeout).await?;
-            Ok(axum::http::Response::from(resp).map(|b| b.map_err(BoxError::from).boxed_unsync()))
+            send(req, timeout).await.map(|resp| boxed(axum::http::Response::from(resp)))
         }
     }
 }
