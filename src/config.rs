@@ -84,6 +84,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub key_cache_ttl: Duration,
     pub usage_retention_days: u32,
+    /// Keep the CPUs awake this long after each request (zero: off; see
+    /// `busy`).
+    pub busy_poll: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -260,6 +263,10 @@ impl Config {
             shutdown_grace: env.parse("SHUTDOWN_GRACE", Duration::from_secs(30), parse_duration)?,
             key_cache_ttl: env.parse("KEY_CACHE_TTL", Duration::from_secs(30), parse_duration)?,
             usage_retention_days: env.parse("USAGE_RETENTION_DAYS", 90, parse_num("a number of days"))?,
+            busy_poll: env.parse("BUSY_POLL", Duration::ZERO, |s| match s {
+                "off" => Ok(Duration::ZERO),
+                s => parse_duration(s),
+            })?,
             redis_url,
         };
         if cluster && config.admin_password.is_none() {
@@ -316,6 +323,11 @@ mod tests {
         assert_eq!(e.to_string(), "FLUSH_INTERVAL=0ms: must be positive");
         let e = cfg(&[("UPSTREAM_CLIENT", "hyper")]).unwrap_err();
         assert_eq!(e.to_string(), "UPSTREAM_CLIENT=hyper: expected auto or reqwest");
+        let e = cfg(&[("BUSY_POLL", "on")]).unwrap_err();
+        assert!(e.to_string().starts_with("BUSY_POLL=on:"), "{e}");
+        assert_eq!(cfg(&[]).unwrap().busy_poll, Duration::ZERO, "off by default");
+        assert_eq!(cfg(&[("BUSY_POLL", "off")]).unwrap().busy_poll, Duration::ZERO);
+        assert_eq!(cfg(&[("BUSY_POLL", "50ms")]).unwrap().busy_poll, Duration::from_millis(50));
         let e = cfg(&[("OLLAMA_URL", "ftp://x")]).unwrap_err();
         assert!(e.to_string().starts_with("OLLAMA_URL=ftp://x:"), "{e}");
         let e = cfg(&[("REDIS_URL", "redis://127.0.0.1")]).unwrap_err();

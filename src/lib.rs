@@ -5,6 +5,7 @@
 //! what `run` serves; `main` and the integration tests start exactly this.
 
 pub mod admin;
+pub mod busy;
 pub mod config;
 pub mod error;
 pub mod events;
@@ -121,6 +122,8 @@ pub struct Shared {
     /// Generation requests to a plain-HTTP upstream (see `proxy::upstream`).
     pub direct: upstream::Direct,
     pub events: EventSink,
+    /// `BUSY_POLL`: the request path touches it (see `busy`).
+    pub busy: busy::BusyPoll,
     pub admin_password: Secret,
     pub tasks: TaskTracker,
     flusher: Arc<tokio::sync::Mutex<Flusher>>,
@@ -276,6 +279,7 @@ impl App {
         let state = AppState(Arc::new(Shared {
             http: upstream::client(&config),
             direct: upstream::direct_client(&config),
+            busy: busy::BusyPoll::start(config.busy_poll).context("BUSY_POLL: cannot start the spinners")?,
             keys: Arc::new(KeyCache::new(config.key_cache_ttl)),
             config: Arc::new(config),
             db,

@@ -207,6 +207,8 @@ pub struct Setup<'a> {
     /// Cluster mode: the run's own Redis.
     pub redis_url: Option<&'a str>,
     pub cpu: Option<usize>,
+    /// The gateway's `BUSY_POLL` (`None`: off).
+    pub busy_poll: Option<&'a str>,
 }
 
 pub const ADMIN_PASSWORD: &str = "bench";
@@ -229,6 +231,7 @@ pub async fn start_gateway(s: Setup<'_>) -> anyhow::Result<Gateway> {
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "warn")
         .env_remove("REDIS_URL")
+        .env("BUSY_POLL", s.busy_poll.unwrap_or("off"))
         .current_dir(s.workdir)
         .stdin(Stdio::null())
         .stdout(stdout)

@@ -23,12 +23,14 @@ use crate::load::{Api, Loader, Target, Which};
 use crate::mock::Knobs;
 use crate::phases::Sides;
 
-const USAGE: &str = "usage: llm-quota-bench [--quick] [--mode embedded|cluster] [--awake] [--one-cpu] [--phases LIST] [--gateway PATH] [--no-build] [--keep] [--linger SECS] [--trace FILE]
+const USAGE: &str = "usage: llm-quota-bench [--quick] [--mode embedded|cluster] [--awake] [--busy-poll DURATION] [--one-cpu] [--phases LIST] [--gateway PATH] [--no-build] [--keep] [--linger SECS] [--trace FILE]
   --quick          every phase shrunk (under a minute in all)
   --mode           embedded (default: SQLite, in-process quota) or cluster (a redis-server of its own
                    + PostgreSQL on 127.0.0.1)
   --awake          keep every CPU out of its idle state with a lowest-priority spinner
                    (on a VM, waking an idle vCPU costs 0.1–1 ms per hop; see bench/README.md)
+  --busy-poll DUR  run the gateway with BUSY_POLL=DUR (its own spinners keep its CPU awake for DUR
+                   after each request; their CPU time is reported apart from the per-request figures)
   --one-cpu        pin the gateway, the mock, the load generator (and Redis) all to CPU 1 (no hop
                    between CPUs; by default the gateway has CPU 1 and the others share CPU 0)
   --phases LIST    comma-separated subset of: sanity,latency,cpu,stream,throughput,streams (default: all)
@@ -62,6 +64,8 @@ pub struct Args {
     pub trace: Option<PathBuf>,
     pub linger: Duration,
     pub awake: bool,
+    /// The gateway's `BUSY_POLL` (`None`: off).
+    pub busy_poll: Option<String>,
     pub one_cpu: bool,
 }
 
@@ -76,6 +80,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> anyhow::Result<Args> {
         trace: None,
         linger: Duration::ZERO,
         awake: false,
+        busy_poll: None,
         one_cpu: false,
     };
     while let Some(arg) = it.next() {
@@ -98,6 +103,11 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> anyhow::Result<Args> {
             "--gateway" => a.gateway = Some(it.next().context("--gateway needs a path")?.into()),
             "--no-build" => a.build = false,
             "--awake" => a.awake = true,
+            "--busy-poll" => {
+                let window = it.next().context("--busy-poll needs a duration (e.g. 50ms)")?;
+                llm_quota::config::parse_duration(&window).map_err(|e| anyhow::anyhow!("--busy-poll {window}: {e}"))?;
+                a.busy_poll = Some(window);
+            }
             "--one-cpu" => a.one_cpu = true,
             "--keep" => a.keep = true,
             "--linger" => {
@@ -317,6 +327,7 @@ async fn run(args: Args, machine: sys::MachineInfo, nofile: u64, placement: sys:
             database_url,
             redis_url: redis.as_ref().map(|(_, url)| url.as_str()),
             cpu: placement.gateway_cpu(),
+            busy_poll: args.busy_poll.as_deref(),
         })
         .await?;
         let key = gw.create_key().await?;
@@ -353,6 +364,7 @@ async fn run(args: Args, machine: sys::MachineInfo, nofile: u64, placement: sys:
         nofile,
         placement,
         awake: args.awake,
+        busy_poll: args.busy_poll.clone(),
         quick: args.quick,
         mode: args.mode,
         revision: git_revision(&workspace),
@@ -486,5 +498,6 @@ async fn measure(
     r.hwm_kib = sys::status_kib(pid, "VmHWM").unwrap_or(0);
     r.threads_end = sys::threads(pid).unwrap_or(0);
     r.gateway_cpu_total = sys::cpu_time(pid).unwrap_or_default();
+    r.spinner_cpu_total = sys::thread_cpu_time(pid, llm_quota::busy::THREAD_NAME);
     Ok(r)
 }

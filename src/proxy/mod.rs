@@ -79,6 +79,7 @@ async fn ollama_generate(State(s): State<AppState>, headers: HeaderMap, body: Re
 }
 
 async fn generation(state: AppState, dialect: Dialect, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    state.busy.touch();
     let protocol = if dialect == Dialect::OpenAiChat { Protocol::OpenAi } else { Protocol::Ollama };
     // Boxed: the request's whole state machine is kilobytes, and axum's
     // handler and service layers would copy it with every move.

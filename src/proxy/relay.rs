@@ -524,7 +524,9 @@ impl RelayJob {
                             if run.outcome.is_some() {
                                 break;
                             }
-                            upstream.next().await
+                            let read = upstream.next().await;
+                            self.state.busy.touch();
+                            read
                         }
                     };
                     match read {

@@ -728,3 +728,37 @@ async fn both_upstream_clients_relay_answers_failures_and_timeouts_alike() {
         assert_eq!(info["requests_today"], 3, "{client}: {info}");
     }
 }
+
+/// `BUSY_POLL`: the spinners run (one per CPU the process may use, named
+/// `lq-busy-poll`), and every request and every upstream read of a stream
+/// keeps them awake; the answers are the same as without it.
+#[tokio::test]
+async fn busy_polling_is_kept_awake_by_requests_and_stream_reads() {
+    let app = TestApp::spawn_with(Options::default().env("BUSY_POLL", "20ms")).await;
+    assert!(app.state.busy.is_on());
+    #[cfg(target_os = "linux")]
+    {
+        let spinners = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == llm_quota::busy::THREAD_NAME))
+            .count();
+        assert!(spinners >= 1, "no {} thread", llm_quota::busy::THREAD_NAME);
+    }
+    let (_, key) = app.key("k").await;
+    let before = app.state.busy.activity();
+    let (s, v) = status_and_json(app.post("/api/chat", &key, json!({"model": MODEL, "stream": false,
+        "messages": [{"role": "user", "content": "hi"}]})).send().await.unwrap()).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["message"]["content"], reply_text(12));
+    let after_one = app.state.busy.activity();
+    assert!(after_one >= before + 2, "the request and its upstream reads touch it: {before} → {after_one}");
+
+    // A stream whose chunks come 5 ms apart: each read keeps it awake.
+    app.mock.state.set_chunk_delay(Duration::from_millis(5));
+    let lines = ndjson(&app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap().text().await.unwrap());
+    let text: String = lines.iter().filter_map(|l| l["message"]["content"].as_str()).collect();
+    assert_eq!(text, reply_text(12));
+    let after_stream = app.state.busy.activity();
+    assert!(after_stream >= after_one + 4, "12 chunks 5 ms apart touched it {} times", after_stream - after_one);
+}
