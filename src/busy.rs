@@ -14,9 +14,12 @@
 //! last activity, so an idle gateway uses no CPU.
 //!
 //! The cost is CPU time: while traffic flows, each of those CPUs is 100 %
-//! busy. Spinning counts against a cgroup's CPU limit (Kubernetes `limits`),
-//! where it would throttle the gateway itself, so turn it on only on CPUs the
-//! gateway has to itself (pinned, or a CPU request without a limit).
+//! busy, so turn it on only where the gateway has CPUs to itself, pinned to
+//! them (`taskset`, a cpuset, Kubernetes' static CPU manager policy); an
+//! unpinned gateway would spin on every CPU of the machine. Spinning also
+//! counts against a cgroup's CPU limit: under a limit smaller than the CPUs
+//! it spins on, it would throttle the gateway itself. It warns at start in
+//! both cases.
 
 use std::{
     sync::{
@@ -36,7 +39,6 @@ pub const THREAD_NAME: &str = "lq-busy-poll";
 const SPINS: u32 = 64;
 
 /// The handle the gateway keeps; dropping it stops the spinners.
-#[derive(Default)]
 pub struct BusyPoll(Option<Spinners>);
 
 struct Spinners {
@@ -78,10 +80,13 @@ impl BusyPoll {
             let (tx, rx) = std::sync::mpsc::channel::<Arc<Inner>>();
             let handle = thread::Builder::new().name(THREAD_NAME.into()).stack_size(64 * 1024).spawn(move || {
                 let Ok(inner) = rx.recv() else { return };
-                if let Err(e) = affinity::pin_idle(cpu) {
-                    tracing::warn!(cpu, error = %e, "busy polling: could not pin or lower the spinner; it spins unpinned");
+                // A spinner at normal priority would take half of a busy
+                // CPU from the gateway: one that cannot be lowered (or
+                // pinned) does not spin.
+                match affinity::pin_idle(cpu) {
+                    Ok(()) => spin(&inner),
+                    Err(e) => tracing::warn!(cpu, error = %e, "busy polling: cannot pin the spinner or lower its priority; CPU {cpu} is not kept awake"),
                 }
-                spin(&inner);
             })?;
             joins.push(handle);
             txs.push(tx);
@@ -196,18 +201,19 @@ mod affinity {
         }
     }
 
-    /// Pins the calling thread to `cpu` and gives it the lowest priority
-    /// there is (`SCHED_IDLE`).
+    /// Gives the calling thread the lowest priority there is (`SCHED_IDLE`),
+    /// then pins it to `cpu`.
     pub fn pin_idle(cpu: usize) -> std::io::Result<()> {
-        // SAFETY: as above; sched_setscheduler reads the param it is given.
+        // SAFETY: sched_setscheduler reads the param it is given; a zeroed
+        // cpu_set_t is a valid empty set.
         unsafe {
+            let param = libc::sched_param { sched_priority: 0 };
+            if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             let mut set: libc::cpu_set_t = std::mem::zeroed();
             libc::CPU_SET(cpu, &mut set);
             if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let param = libc::sched_param { sched_priority: 0 };
-            if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
         }
@@ -238,7 +244,7 @@ mod affinity {
     }
 
     pub fn pin_idle(_: usize) -> std::io::Result<()> {
-        Ok(())
+        Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "SCHED_IDLE is Linux's"))
     }
 
     pub fn cgroup_cpu_limit() -> Option<f64> {
