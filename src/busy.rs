@@ -273,7 +273,9 @@ mod tests {
     #[test]
     fn spins_while_touched_sleeps_after_the_window_and_stops_on_drop() {
         let cpus = affinity::current().unwrap();
-        let busy = BusyPoll::start_on(Duration::from_millis(30), &cpus[..1]).unwrap();
+        // A long window: the test thread, not the spinner, could be kept
+        // off the CPU between two touches on a busy machine.
+        let busy = BusyPoll::start_on(Duration::from_millis(500), &cpus[..1]).unwrap();
         assert!(busy.is_on());
         // Started awake; with nothing happening it parks after the window.
         eventually("the spinner parks", || busy.sleeping() == 1);
@@ -282,7 +284,7 @@ mod tests {
         eventually("a touch wakes it", || busy.sleeping() == 0);
         // Touched more often than the window: it never parks, whatever
         // CPU time it gets in between.
-        for _ in 0..20 {
+        for _ in 0..100 {
             busy.touch();
             thread::sleep(Duration::from_millis(5));
             assert_eq!(busy.sleeping(), 0, "parked while touched");
