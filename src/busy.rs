@@ -102,7 +102,7 @@ impl BusyPoll {
             let _ = tx.send(inner.clone());
         }
         tracing::info!(?cpus, ?window, "busy polling: CPUs kept awake for the window after each request");
-        if affinity::online() > 2 && cpus.len() >= affinity::online() {
+        if affinity::online() > 1 && cpus.len() >= affinity::online() {
             tracing::warn!(cpus = cpus.len(), "busy polling on every CPU of the machine (the process is not pinned): pin it (taskset, a cpuset, Kubernetes' static CPU manager) to the CPUs it should keep awake");
         }
         if let Some(limit) = affinity::cgroup_cpu_limit().filter(|&limit| limit < cpus.len() as f64) {
