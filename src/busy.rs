@@ -1,59 +1,53 @@
-//! Busy polling (`BUSY_POLL`, off by default): keeps the gateway's CPUs
-//! from idling for a while after each request or upstream read, so that
-//! the next packet (the upstream's answer, Redis's reply, the client's
-//! next request) finds its CPU running.
+//! Busy polling (`BUSY_POLL`, off by default): while traffic flows, the
+//! runtime's workers poll for I/O without ever sleeping, so that the next
+//! packet (the upstream's answer, Redis's reply, the client's next request)
+//! finds the gateway running instead of a halted CPU.
 //!
 //! On a virtual machine a vCPU with nothing to do halts, and getting it
 //! running again when a packet arrives costs the hypervisor tens of
-//! microseconds, sometimes hundreds (the bench's "hop" line measures it).
-//! A request through the gateway waits for several such wake-ups. HAProxy's
-//! `busy-polling` option answers the same problem by never letting its
-//! poller sleep; here one lowest-priority thread per CPU of the process's
-//! affinity mask spins instead (`SCHED_IDLE`: the scheduler switches to any
-//! woken thread of the gateway at once), and only for `BUSY_POLL` after the
-//! last activity, so an idle gateway uses no CPU.
+//! microseconds, sometimes hundreds (the bench's "hop" line measures it); the
+//! sender pays too, for the interrupt that wakes it. A request through the
+//! gateway waits for several such wake-ups. HAProxy's `busy-polling` option
+//! answers the same problem the same way: its poller never sleeps. Here one
+//! task per worker yields in a loop, and a worker with only yielded tasks
+//! polls its I/O driver with a zero timeout before running them again; a
+//! worker that is never asleep in `epoll_wait` is never woken, and notices
+//! a ready socket on its next poll.
 //!
-//! The cost is CPU time: while traffic flows, each of those CPUs is 100 %
-//! busy, so turn it on only where the gateway has CPUs to itself, pinned to
-//! them (`taskset`, a cpuset, Kubernetes' static CPU manager policy); an
-//! unpinned gateway would spin on every CPU of the machine. Spinning also
-//! counts against a cgroup's CPU limit: under a limit smaller than the CPUs
-//! it spins on, it would throttle the gateway itself. It warns at start in
-//! both cases.
+//! It spins only for `BUSY_POLL` after the last request or upstream read,
+//! then waits for the next one, so an idle gateway uses no CPU.
+//!
+//! The cost is CPU: while traffic flows every worker's CPU is 100 % busy,
+//! and a spinning worker shares its CPU at normal priority with whatever
+//! else runs there (the gateway's own token counting of large prompts, or
+//! another process). So turn it on only where the gateway has CPUs to
+//! itself, pinned to them (`taskset`, a cpuset, Kubernetes' static CPU
+//! manager policy): unpinned, it would keep as many CPUs busy as it has
+//! workers, wherever the scheduler puts them. Under a cgroup CPU limit
+//! smaller than the CPUs it may run on, spinning uses the quota up and the
+//! gateway gets throttled. It warns at start in both cases.
 
 use std::{
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
-    thread::{self, Thread},
     time::{Duration, Instant},
 };
 
-/// The spinners' thread name (the bench leaves their CPU time out of the
-/// gateway's per-request figure by it).
-pub const THREAD_NAME: &str = "lq-busy-poll";
+use tokio::sync::Notify;
 
-/// Pause instructions between two looks at the activity counter: a few
-/// microseconds, so a spinner notices activity, and stop, promptly.
-const SPINS: u32 = 64;
-
-/// The handle the gateway keeps; dropping it stops the spinners.
-pub struct BusyPoll(Option<Spinners>);
-
-struct Spinners {
-    inner: Arc<Inner>,
-    joins: Vec<thread::JoinHandle<()>>,
-}
+/// The handle the gateway keeps; dropping it stops the polling.
+pub struct BusyPoll(Option<Arc<Inner>>);
 
 struct Inner {
     window: Duration,
     /// Bumped by every [`BusyPoll::touch`].
     activity: AtomicU64,
-    /// Spinners parked (or about to park) until the next touch.
+    /// Pollers waiting (or about to wait) for the next touch.
     sleeping: AtomicUsize,
     stop: AtomicBool,
-    threads: Vec<Thread>,
+    wake: Notify,
 }
 
 impl BusyPoll {
@@ -62,67 +56,46 @@ impl BusyPoll {
         BusyPoll(None)
     }
 
-    /// One spinner per CPU the process may run on, each pinned to its CPU.
-    /// `window` zero is off. Errors when a spinner cannot be started.
-    pub fn start(window: Duration) -> std::io::Result<BusyPoll> {
+    /// One polling task per worker of the current runtime; `window` zero
+    /// is off.
+    pub fn start(window: Duration) -> BusyPoll {
         if window.is_zero() {
-            return Ok(BusyPoll::off());
+            return BusyPoll::off();
         }
-        let cpus = affinity::current()?;
-        Self::start_on(window, &cpus)
-    }
-
-    fn start_on(window: Duration, cpus: &[usize]) -> std::io::Result<BusyPoll> {
-        // The spinners need the shared state and the shared state needs the
-        // spinners' handles (to wake them): each waits for its `Arc` first.
-        let (mut txs, mut joins) = (Vec::new(), Vec::new());
-        for &cpu in cpus {
-            let (tx, rx) = std::sync::mpsc::channel::<Arc<Inner>>();
-            let handle = thread::Builder::new().name(THREAD_NAME.into()).stack_size(64 * 1024).spawn(move || {
-                let Ok(inner) = rx.recv() else { return };
-                // A spinner at normal priority would take half of a busy
-                // CPU from the gateway: one that cannot be lowered (or
-                // pinned) does not spin.
-                match affinity::pin_idle(cpu) {
-                    Ok(()) => spin(&inner),
-                    Err(e) => tracing::warn!(cpu, error = %e, "busy polling: cannot pin the spinner or lower its priority; CPU {cpu} is not kept awake"),
-                }
-            })?;
-            joins.push(handle);
-            txs.push(tx);
-        }
+        let workers = tokio::runtime::Handle::current().metrics().num_workers();
         let inner = Arc::new(Inner {
             window,
             activity: AtomicU64::new(0),
             sleeping: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
-            threads: joins.iter().map(|j| j.thread().clone()).collect(),
+            wake: Notify::new(),
         });
-        for tx in txs {
-            let _ = tx.send(inner.clone());
+        for _ in 0..workers {
+            tokio::spawn(poll_busily(inner.clone()));
         }
-        tracing::info!(?cpus, ?window, "busy polling: CPUs kept awake for the window after each request");
-        if affinity::online() > 1 && cpus.len() >= affinity::online() {
-            tracing::warn!(cpus = cpus.len(), "busy polling on every CPU of the machine (the process is not pinned): pin it (taskset, a cpuset, Kubernetes' static CPU manager) to the CPUs it should keep awake");
+        tracing::info!(workers, ?window, "busy polling: the workers poll without sleeping for the window after each request");
+        if let Some(cpus) = placement::cpus() {
+            let online = placement::online();
+            if online > 1 && cpus >= online {
+                tracing::warn!(workers, "busy polling in a process that is not pinned: its spinning workers keep CPUs busy wherever they run; pin it (taskset, a cpuset, Kubernetes' static CPU manager) to CPUs of its own");
+            }
+            if let Some(limit) = placement::cgroup_cpu_limit().filter(|&limit| limit < cpus as f64) {
+                tracing::warn!(cpu_limit = limit, cpus, "busy polling under a cgroup CPU limit smaller than the CPUs it may run on: the spinning uses the quota up and the gateway gets throttled");
+            }
         }
-        if let Some(limit) = affinity::cgroup_cpu_limit().filter(|&limit| limit < cpus.len() as f64) {
-            tracing::warn!(cpu_limit = limit, cpus = cpus.len(), "busy polling on more CPUs than the cgroup's CPU limit: the spinning counts against it and throttles the gateway");
-        }
-        Ok(BusyPoll(Some(Spinners { inner, joins })))
+        BusyPoll(Some(inner))
     }
 
-    /// Activity: the spinners keep (or start) spinning for the next window.
+    /// Activity: the pollers keep (or start) spinning for the next window.
     #[inline]
     pub fn touch(&self) {
-        if let Some(Spinners { inner, .. }) = &self.0 {
-            // SeqCst pairs with the spinner's park below: either it sees
-            // this bump and does not park, or this sees it sleeping and
+        if let Some(inner) = &self.0 {
+            // SeqCst pairs with the poller's wait below: either it sees
+            // this bump and does not wait, or this sees it waiting and
             // wakes it.
             inner.activity.fetch_add(1, Ordering::SeqCst);
             if inner.sleeping.load(Ordering::SeqCst) > 0 {
-                for t in &inner.threads {
-                    t.unpark();
-                }
+                inner.wake.notify_waiters();
             }
         }
     }
@@ -133,38 +106,33 @@ impl BusyPoll {
 
     /// How many touches there have been (0 when off).
     pub fn activity(&self) -> u64 {
-        self.0.as_ref().map_or(0, |s| s.inner.activity.load(Ordering::Relaxed))
+        self.0.as_ref().map_or(0, |inner| inner.activity.load(Ordering::Relaxed))
     }
 
-    /// How many spinners are parked, waiting for the next touch.
+    /// How many pollers are waiting for the next touch.
     pub fn sleeping(&self) -> usize {
-        self.0.as_ref().map_or(0, |s| s.inner.sleeping.load(Ordering::SeqCst))
+        self.0.as_ref().map_or(0, |inner| inner.sleeping.load(Ordering::SeqCst))
     }
 }
 
 impl Drop for BusyPoll {
     fn drop(&mut self) {
-        if let Some(Spinners { inner, joins }) = self.0.take() {
+        if let Some(inner) = &self.0 {
             inner.stop.store(true, Ordering::SeqCst);
-            for t in &inner.threads {
-                t.unpark();
-            }
-            for j in joins {
-                let _ = j.join();
-            }
+            inner.wake.notify_waiters();
         }
     }
 }
 
-fn spin(inner: &Inner) {
+async fn poll_busily(inner: Arc<Inner>) {
     let mut seen = inner.activity.load(Ordering::SeqCst);
-    while !inner.stop.load(Ordering::Relaxed) {
-        // Awake until a whole window passes without activity.
+    loop {
+        // Spinning until a whole window passes without activity. Each
+        // yield lets the worker run its other tasks and poll its I/O
+        // driver, without sleeping, before this task runs again.
         let mut quiet_since = Instant::now();
         loop {
-            for _ in 0..SPINS {
-                std::hint::spin_loop();
-            }
+            tokio::task::yield_now().await;
             if inner.stop.load(Ordering::Relaxed) {
                 return;
             }
@@ -176,48 +144,45 @@ fn spin(inner: &Inner) {
                 break;
             }
         }
-        // Asleep until the next touch.
+        // Waiting for the next touch.
         inner.sleeping.fetch_add(1, Ordering::SeqCst);
-        while inner.activity.load(Ordering::SeqCst) == seen && !inner.stop.load(Ordering::SeqCst) {
-            thread::park();
+        loop {
+            let notified = inner.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if inner.activity.load(Ordering::SeqCst) != seen || inner.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            notified.await;
         }
         inner.sleeping.fetch_sub(1, Ordering::SeqCst);
+        if inner.stop.load(Ordering::SeqCst) {
+            return;
+        }
         seen = inner.activity.load(Ordering::SeqCst);
     }
 }
 
+/// Where the process may run, for the start-up warnings.
 #[cfg(target_os = "linux")]
-mod affinity {
-    /// The CPUs this thread (at start-up: the process) may run on.
-    pub fn current() -> std::io::Result<Vec<usize>> {
+mod placement {
+    /// How many CPUs the process may run on (its affinity mask).
+    pub fn cpus() -> Option<usize> {
         // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity
         // writes at most its size.
         unsafe {
             let mut set: libc::cpu_set_t = std::mem::zeroed();
             if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-                return Err(std::io::Error::last_os_error());
+                return None;
             }
-            Ok((0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect())
+            Some(libc::CPU_COUNT(&set) as usize)
         }
     }
 
-    /// Gives the calling thread the lowest priority there is (`SCHED_IDLE`),
-    /// then pins it to `cpu`.
-    pub fn pin_idle(cpu: usize) -> std::io::Result<()> {
-        // SAFETY: sched_setscheduler reads the param it is given; a zeroed
-        // cpu_set_t is a valid empty set.
-        unsafe {
-            let param = libc::sched_param { sched_priority: 0 };
-            if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(cpu, &mut set);
-            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-        Ok(())
+    /// CPUs online on the machine.
+    pub fn online() -> usize {
+        // SAFETY: sysconf has no preconditions.
+        unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN).max(1) as usize }
     }
 
     /// The cgroup (v2) CPU limit in CPUs (`cpu.max`: quota and period in
@@ -229,30 +194,20 @@ mod affinity {
         let period: f64 = fields.next()?.parse().ok()?;
         (period > 0.0).then(|| quota / period)
     }
-
-    /// CPUs online on the machine.
-    pub fn online() -> usize {
-        // SAFETY: sysconf has no preconditions.
-        unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN).max(1) as usize }
-    }
 }
 
 #[cfg(not(target_os = "linux"))]
-mod affinity {
-    pub fn current() -> std::io::Result<Vec<usize>> {
-        Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "BUSY_POLL needs Linux (CPU affinity and SCHED_IDLE)"))
-    }
-
-    pub fn pin_idle(_: usize) -> std::io::Result<()> {
-        Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "SCHED_IDLE is Linux's"))
-    }
-
-    pub fn cgroup_cpu_limit() -> Option<f64> {
+mod placement {
+    pub fn cpus() -> Option<usize> {
         None
     }
 
     pub fn online() -> usize {
         1
+    }
+
+    pub fn cgroup_cpu_limit() -> Option<f64> {
+        None
     }
 }
 
@@ -260,63 +215,69 @@ mod affinity {
 mod tests {
     use super::*;
 
-    /// Waits (up to 10 s: a spinner at the lowest priority may wait for a
-    /// busy CPU) until `done` holds.
-    fn eventually(what: &str, done: impl Fn() -> bool) {
+    /// Waits (up to 10 s: the deadline only keeps a slow, shared machine
+    /// from failing the test) until `done` holds.
+    async fn eventually(what: &str, done: impl Fn() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !done() {
             assert!(Instant::now() < deadline, "timed out waiting until {what}");
-            thread::sleep(Duration::from_millis(2));
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 
-    #[test]
-    fn spins_while_touched_sleeps_after_the_window_and_stops_on_drop() {
-        let cpus = affinity::current().unwrap();
-        // A long window: the test thread, not the spinner, could be kept
-        // off the CPU between two touches on a busy machine.
-        let busy = BusyPoll::start_on(Duration::from_millis(500), &cpus[..1]).unwrap();
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spins_while_touched_waits_after_the_window_and_stops_on_drop() {
+        // A long window: the test task, not the poller, could be kept off
+        // the CPU between two touches on a busy machine.
+        let busy = BusyPoll::start(Duration::from_millis(500));
         assert!(busy.is_on());
-        // Started awake; with nothing happening it parks after the window.
-        eventually("the spinner parks", || busy.sleeping() == 1);
+        // One poller per worker; started spinning, they wait once nothing
+        // happens for a window.
+        eventually("the pollers wait", || busy.sleeping() == 2).await;
         busy.touch();
         assert_eq!(busy.activity(), 1);
-        eventually("a touch wakes it", || busy.sleeping() == 0);
-        // Touched more often than the window: it never parks, whatever
-        // CPU time it gets in between.
+        eventually("a touch wakes them", || busy.sleeping() == 0).await;
+        // Touched more often than the window: they never wait.
         for _ in 0..100 {
             busy.touch();
-            thread::sleep(Duration::from_millis(5));
-            assert_eq!(busy.sleeping(), 0, "parked while touched");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            assert_eq!(busy.sleeping(), 0, "waiting while touched");
         }
-        eventually("it parks once touches stop", || busy.sleeping() == 1);
-        // Dropping joins the spinner: this returns only once it has ended.
+        eventually("they wait once touches stop", || busy.sleeping() == 2).await;
+        let inner = busy.0.clone().unwrap();
         drop(busy);
+        // Dropped: the pollers end, and let go of the shared state.
+        eventually("the pollers end", || Arc::strong_count(&inner) == 1).await;
     }
 
-    #[test]
-    fn off_does_nothing() {
-        let busy = BusyPoll::start(Duration::ZERO).unwrap();
+    #[tokio::test]
+    async fn off_does_nothing() {
+        let busy = BusyPoll::start(Duration::ZERO);
         assert!(!busy.is_on());
         busy.touch();
         assert_eq!(busy.activity(), 0);
     }
 
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn the_spinner_runs_pinned_at_the_lowest_priority() {
-        let cpus = affinity::current().unwrap();
-        let cpu = *cpus.last().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        thread::spawn(move || {
-            affinity::pin_idle(cpu).unwrap();
-            // SAFETY: sched_getscheduler has no preconditions.
-            tx.send((affinity::current().unwrap(), unsafe { libc::sched_getscheduler(0) })).unwrap();
-        })
-        .join()
-        .unwrap();
-        let (mask, policy) = rx.recv().unwrap();
-        assert_eq!(mask, vec![cpu]);
-        assert_eq!(policy, libc::SCHED_IDLE);
+    /// While a poller spins, its worker still runs every other task and
+    /// still sees its sockets: a one-worker runtime answers a TCP echo.
+    #[tokio::test]
+    async fn a_spinning_worker_still_serves_io() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let busy = BusyPoll::start(Duration::from_secs(30));
+        busy.touch();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4];
+            s.read_exact(&mut buf).await.unwrap();
+            s.write_all(&buf).await.unwrap();
+        });
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        c.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"ping");
+        assert_eq!(busy.sleeping(), 0, "the poller was spinning all along");
     }
 }

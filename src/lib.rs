@@ -279,7 +279,7 @@ impl App {
         let state = AppState(Arc::new(Shared {
             http: upstream::client(&config),
             direct: upstream::direct_client(&config),
-            busy: busy::BusyPoll::start(config.busy_poll).context("BUSY_POLL: cannot start the spinners")?,
+            busy: busy::BusyPoll::start(config.busy_poll),
             keys: Arc::new(KeyCache::new(config.key_cache_ttl)),
             config: Arc::new(config),
             db,

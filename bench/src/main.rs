@@ -29,8 +29,8 @@ const USAGE: &str = "usage: llm-quota-bench [--quick] [--mode embedded|cluster] 
                    + PostgreSQL on 127.0.0.1)
   --awake          keep every CPU out of its idle state with a lowest-priority spinner
                    (on a VM, waking an idle vCPU costs 0.1–1 ms per hop; see bench/README.md)
-  --busy-poll DUR  run the gateway with BUSY_POLL=DUR (its own spinners keep its CPU awake for DUR
-                   after each request; their CPU time is reported apart from the per-request figures)
+  --busy-poll DUR  run the gateway with BUSY_POLL=DUR (its workers poll without sleeping for DUR
+                   after each request; the CPU-per-request figures then include the spinning)
   --one-cpu        pin the gateway, the mock, the load generator (and Redis) all to CPU 1 (no hop
                    between CPUs; by default the gateway has CPU 1 and the others share CPU 0)
   --phases LIST    comma-separated subset of: sanity,latency,cpu,stream,throughput,streams (default: all)
@@ -498,6 +498,5 @@ async fn measure(
     r.hwm_kib = sys::status_kib(pid, "VmHWM").unwrap_or(0);
     r.threads_end = sys::threads(pid).unwrap_or(0);
     r.gateway_cpu_total = sys::cpu_time(pid).unwrap_or_default();
-    r.spinner_cpu_total = sys::thread_cpu_time(pid, llm_quota::busy::THREAD_NAME);
     Ok(r)
 }

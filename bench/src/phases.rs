@@ -205,9 +205,9 @@ pub async fn cpu(loader: &Loader, sides: &Sides<'_>, requests: usize, streams: u
         closed_loop(loader, sides.direct, api, &body, stream, c * 4, c).await;
         closed_loop(loader, sides.gateway, api, &body, stream, c * 4, c).await;
         let direct = closed_loop(loader, sides.direct, api, &body, stream, n, c).await;
-        let (before, redis_before) = (sys::work_cpu_time(sides.gateway_pid), redis_cpu());
+        let (before, redis_before) = (sys::cpu_time(sides.gateway_pid).unwrap_or_default(), redis_cpu());
         let gateway = closed_loop(loader, sides.gateway, api, &body, stream, n, c).await;
-        let (after, redis_after) = (sys::work_cpu_time(sides.gateway_pid), redis_cpu());
+        let (after, redis_after) = (sys::cpu_time(sides.gateway_pid).unwrap_or_default(), redis_cpu());
         let row = CpuRow {
             case: case.into(),
             requests: n,

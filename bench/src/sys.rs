@@ -109,22 +109,6 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
     stat_cpu_time(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
-/// CPU time of `pid`'s threads named `name` (the gateway's busy-poll
-/// spinners), zero when it has none.
-pub fn thread_cpu_time(pid: u32, name: &str) -> Duration {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Duration::ZERO };
-    tasks
-        .flatten()
-        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name))
-        .filter_map(|t| stat_cpu_time(&std::fs::read_to_string(t.path().join("stat")).ok()?))
-        .sum()
-}
-
-/// The gateway's CPU time less its busy-poll spinners': the work it did.
-pub fn work_cpu_time(pid: u32) -> Duration {
-    cpu_time(pid).unwrap_or_default().saturating_sub(thread_cpu_time(pid, llm_quota::busy::THREAD_NAME))
-}
-
 /// utime + stime of a `/proc/…/stat` line.
 fn stat_cpu_time(stat: &str) -> Option<Duration> {
     // The command name (field 2) may contain spaces; fields resume after ')'.
