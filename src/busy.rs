@@ -133,6 +133,10 @@ async fn poll_busily(inner: Arc<Inner>) {
         let mut quiet_since = Instant::now();
         loop {
             tokio::task::yield_now().await;
+            // Let any other thread waiting for this CPU (the gateway's
+            // blocking work, another process) run now rather than at the
+            // end of the worker's time slice, milliseconds later.
+            std::thread::yield_now();
             if inner.stop.load(Ordering::Relaxed) {
                 return;
             }
