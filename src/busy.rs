@@ -17,11 +17,11 @@
 //! It spins only for `BUSY_POLL` after the last request or upstream read,
 //! then waits for the next one, so an idle gateway uses no CPU.
 //!
-//! The cost is CPU: while traffic flows every worker's CPU is 100 % busy,
-//! and a spinning worker shares its CPU at normal priority with whatever
-//! else runs there (the gateway's own token counting of large prompts, or
-//! another process). So turn it on only where the gateway has CPUs to
-//! itself, pinned to them (`taskset`, a cpuset, Kubernetes' static CPU
+//! The cost is CPU: while traffic flows every worker's CPU is 100 % busy.
+//! A spinning worker calls `sched_yield` on every turn, so a thread that
+//! wants its CPU (the gateway's blocking work, another process) runs at
+//! once rather than after the worker's time slice. Still, turn it on only
+//! where the gateway has CPUs to itself, pinned to them (`taskset`, a cpuset, Kubernetes' static CPU
 //! manager policy): unpinned, it would keep as many CPUs busy as it has
 //! workers, wherever the scheduler puts them. Under a cgroup CPU limit
 //! smaller than the CPUs it may run on, spinning uses the quota up and the
