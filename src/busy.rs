@@ -21,9 +21,9 @@
 //! A spinning worker calls `sched_yield` on every turn, so a thread that
 //! wants its CPU (the gateway's blocking work, another process) runs at
 //! once rather than after the worker's time slice. Still, turn it on only
-//! where the gateway has CPUs to itself, pinned to them (`taskset`, a cpuset, Kubernetes' static CPU
-//! manager policy): unpinned, it would keep as many CPUs busy as it has
-//! workers, wherever the scheduler puts them. Under a cgroup CPU limit
+//! where the gateway has CPUs to itself, pinned to them (`taskset`, a
+//! cpuset, Kubernetes' static CPU manager policy): unpinned, it would keep
+//! as many CPUs busy as it has workers, wherever the scheduler puts them. Under a cgroup CPU limit
 //! smaller than the CPUs it may run on, spinning uses the quota up and the
 //! gateway gets throttled. It warns at start in both cases.
 

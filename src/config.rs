@@ -84,8 +84,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub key_cache_ttl: Duration,
     pub usage_retention_days: u32,
-    /// Keep the CPUs awake this long after each request (zero: off; see
-    /// `busy`).
+    /// Keep the workers polling without sleeping this long after each
+    /// request (zero: off; see `busy`).
     pub busy_poll: Duration,
 }
 
