@@ -138,7 +138,7 @@ async fn settings_models_and_proxy_info() {
     assert!(v["proxy_url"].as_str().unwrap().ends_with(&format!(":{port}")), "{v}");
     assert_eq!(v["mode"], "embedded");
 
-    app.admin_json(Method::PUT, "/api/settings", Some(json!({"ollama_url": "http://127.0.0.1:9"}))).await;
+    app.admin_json(Method::PUT, "/api/settings", Some(json!({"ollama_url": crate::common::refused_url()}))).await;
     let (s, _) = app.admin_json(Method::GET, "/api/ollama-models", None).await;
     assert_eq!(s, 502);
 }

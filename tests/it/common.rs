@@ -175,6 +175,13 @@ pub async fn eventually<T, E: std::fmt::Debug, F: std::future::Future<Output = R
     }
 }
 
+/// An upstream URL where nothing listens: a port the system just handed
+/// out and took back, so connecting is refused (no fixed port).
+pub fn refused_url() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    format!("http://{}", listener.local_addr().expect("local address"))
+}
+
 pub fn chat(model: &str, text: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": text}]})
 }

@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use crate::{
-    common::{chat, eventually, ndjson, sse, Options, TestApp},
+    common::{chat, eventually, ndjson, refused_url, sse, Options, TestApp},
     mock::{reply_text, reply_word, Failure},
 };
 
@@ -333,7 +333,7 @@ async fn a_non_stream_client_that_hangs_up_is_charged_for_what_was_produced() {
 async fn upstream_unreachable_is_502_and_refunded() {
     let app = TestApp::spawn().await;
     let (id, key) = app.key("k").await;
-    app.admin_json(reqwest::Method::PUT, "/api/settings", Some(json!({"ollama_url": "http://127.0.0.1:9"}))).await;
+    app.admin_json(reqwest::Method::PUT, "/api/settings", Some(json!({"ollama_url": refused_url()}))).await;
     let (s, v) = status_and_json(app.post("/v1/chat/completions", &key, chat(MODEL, "hi")).send().await.unwrap()).await;
     assert_eq!(s, 502);
     assert_eq!(v["error"]["type"], "api_error");
@@ -701,7 +701,7 @@ async fn both_upstream_clients_relay_answers_failures_and_timeouts_alike() {
         assert_eq!((s, v), (504, json!({"error": "upstream timed out"})), "{client}");
         app.mock.state.set_header_delay(Duration::ZERO);
 
-        app.admin_json(reqwest::Method::PUT, "/api/settings", Some(json!({"ollama_url": "http://127.0.0.1:9"}))).await;
+        app.admin_json(reqwest::Method::PUT, "/api/settings", Some(json!({"ollama_url": refused_url()}))).await;
         let (s, v) = status_and_json(app.post("/api/chat", &key, chat(MODEL, "hi")).send().await.unwrap()).await;
         assert_eq!((s, v), (502, json!({"error": "upstream unreachable"})), "{client}");
 

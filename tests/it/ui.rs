@@ -530,9 +530,10 @@ async fn settings_test_the_upstream_and_save_url_and_model() {
     assert!(html.contains(r#"<select id="default_model" name="default_model" aria-describedby="default_model-hint" hx-swap-oob="true">"#));
     assert!(html.contains(r#"<option value="qwen3:8b" selected>"#), "the chosen model stays chosen");
 
-    let (s, html) = admin.htmx(Method::POST, "/settings/test", &[("ollama_url", "http://127.0.0.1:9"), ("default_model", "x")]).await;
+    let refused = crate::common::refused_url();
+    let (s, html) = admin.htmx(Method::POST, "/settings/test", &[("ollama_url", refused.as_str()), ("default_model", "x")]).await;
     assert_eq!(s, 200);
-    assert!(html.contains(&format!("Cannot list the models of {}: unreachable", esc("http://127.0.0.1:9"))), "{html}");
+    assert!(html.contains(&format!("Cannot list the models of {}: unreachable", esc(&refused))), "{html}");
     assert!(!html.contains("hx-swap-oob"), "a failed test leaves the model list alone");
     let (_, html) = admin.htmx(Method::POST, "/settings/test", &[("ollama_url", "not a url")]).await;
     assert!(html.contains("not a URL"), "{html}");
