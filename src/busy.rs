@@ -51,16 +51,11 @@ struct Inner {
 }
 
 impl BusyPoll {
-    /// Off: `touch` does nothing.
-    pub fn off() -> BusyPoll {
-        BusyPoll(None)
-    }
-
     /// One polling task per worker of the current runtime; `window` zero
-    /// is off.
+    /// is off (`touch` then does nothing).
     pub fn start(window: Duration) -> BusyPoll {
         if window.is_zero() {
-            return BusyPoll::off();
+            return BusyPoll(None);
         }
         let workers = tokio::runtime::Handle::current().metrics().num_workers();
         let inner = Arc::new(Inner {

@@ -60,7 +60,8 @@ pub struct Settings {
 
 impl Settings {
     pub fn new(ollama_url: String, default_model: String, client: UpstreamClient) -> Settings {
-        let generation_targets = Dialect::ALL.map(|d| Target::new(&route_url(&ollama_url, d), client));
+        let proxies = upstream::proxies_from_env();
+        let generation_targets = Dialect::ALL.map(|d| Target::new(&route_url(&ollama_url, d), client, &proxies));
         Settings { ollama_url, default_model, generation_targets }
     }
 

@@ -44,6 +44,7 @@ const USAGE: &str = "usage: llm-quota-bench [--quick] [--mode embedded|cluster] 
 
 /// Client connections opened and left idle to see what one costs.
 const IDLE_CONNECTIONS: usize = 1000;
+const PHASES: [&str; 6] = ["sanity", "latency", "cpu", "stream", "throughput", "streams"];
 
 /// The gateway's RSS 6 s after `closed` (connections closed then): its
 /// allocator hands freed memory back on the gateway's next activity, the
@@ -52,7 +53,6 @@ async fn rss_once_released(pid: u32, closed: Instant) -> u64 {
     tokio::time::sleep_until((closed + Duration::from_secs(6)).into()).await;
     sys::rss_kib(pid).unwrap_or(0)
 }
-const PHASES: [&str; 6] = ["sanity", "latency", "cpu", "stream", "throughput", "streams"];
 
 pub struct Args {
     pub quick: bool,

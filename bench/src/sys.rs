@@ -106,11 +106,7 @@ pub fn clock_ticks_per_sec() -> u64 {
 
 /// User + system CPU time a process has used so far.
 pub fn cpu_time(pid: u32) -> Option<Duration> {
-    stat_cpu_time(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
-}
-
-/// utime + stime of a `/proc/…/stat` line.
-fn stat_cpu_time(stat: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may contain spaces; fields resume after ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();

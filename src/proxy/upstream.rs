@@ -78,14 +78,16 @@ pub enum Target {
     Reqwest(reqwest::Url),
 }
 
-impl Target {
-    /// The target for `url`, or `None` when it does not parse; the proxy
-    /// variables are read as reqwest reads them.
-    pub fn new(url: &str, choice: UpstreamClient) -> Option<Target> {
-        Target::with_proxies(url, choice, &Matcher::from_env())
-    }
+/// The proxy variables (`HTTP_PROXY`, `NO_PROXY`, …), read as reqwest
+/// reads them.
+pub fn proxies_from_env() -> Matcher {
+    Matcher::from_env()
+}
 
-    fn with_proxies(url: &str, choice: UpstreamClient, proxies: &Matcher) -> Option<Target> {
+impl Target {
+    /// The target for `url`, or `None` when it does not parse; `proxies`
+    /// decide whether a plain-HTTP URL may go direct.
+    pub fn new(url: &str, choice: UpstreamClient, proxies: &Matcher) -> Option<Target> {
         let parsed = reqwest::Url::parse(url).ok()?;
         // Credentials in the URL become reqwest's basic auth; hyper's
         // client would drop them.
@@ -232,16 +234,16 @@ mod tests {
     fn plain_http_goes_direct_unless_a_proxy_applies() {
         let none = Matcher::builder().build();
         let proxy = Matcher::builder().http("http://proxy.corp:3128").no("ollama.local").build();
-        let direct = |url: &str, m: &Matcher| matches!(Target::with_proxies(url, UpstreamClient::Auto, m), Some(Target::Direct(_)));
+        let direct = |url: &str, m: &Matcher| matches!(Target::new(url, UpstreamClient::Auto, m), Some(Target::Direct(_)));
         assert!(direct("http://gpu:11434/api/chat", &none));
         assert!(!direct("http://gpu:11434/api/chat", &proxy), "HTTP_PROXY applies: reqwest proxies it");
         assert!(direct("http://ollama.local:11434/api/chat", &proxy), "NO_PROXY exempts it");
         assert!(!direct("https://api.example.com/v1/chat/completions", &none), "TLS stays with reqwest");
         assert!(!direct("http://user:secret@gpu:11434/api/chat", &none), "reqwest sends the URL's credentials");
         assert!(matches!(
-            Target::with_proxies("http://gpu:11434/api/chat", UpstreamClient::Reqwest, &none),
+            Target::new("http://gpu:11434/api/chat", UpstreamClient::Reqwest, &none),
             Some(Target::Reqwest(_))
         ));
-        assert_eq!(Target::with_proxies("not a url", UpstreamClient::Auto, &none), None);
+        assert_eq!(Target::new("not a url", UpstreamClient::Auto, &none), None);
     }
 }
