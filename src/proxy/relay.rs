@@ -797,16 +797,14 @@ impl RelayJob {
         let settling = Instant::now();
         let charge = Charge { prompt_tokens: prompt, completion_tokens: completion, refund_request: refund };
         let mut settle = std::pin::pin!(self.state.quota.settle(&self.reservation, charge));
-        // The settlement goes out before the answer does, and its reply is
-        // awaited after: one store round trip less on the client's time.
+        // The settlement is queued before the answer goes out, and its reply
+        // is awaited after: one store round trip less on the client's time.
         // The first poll queues the call on the store's one connection, ahead
-        // of anything this client's next request sends there; the yield lets
-        // the connection write it out, so the store has it before the client
-        // has its answer and another replica can ask.
+        // of anything this client's next request sends there; the connection
+        // writes it out right after the answer. (Written first, it woke Redis
+        // first, and where Redis shares a CPU with the client the client
+        // waited for the script: 25-60 µs added at p50 in the bench.)
         let settled = settle.as_mut().now_or_never();
-        if settled.is_none() {
-            tokio::task::yield_now().await;
-        }
         let mut status = StatusCode::OK;
         match self.sink {
             Sink::Whole(tx) => {
