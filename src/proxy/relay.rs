@@ -800,10 +800,11 @@ impl RelayJob {
         // The settlement is queued before the answer goes out, and its reply
         // is awaited after: one store round trip less on the client's time.
         // The first poll queues the call on the store's one connection, ahead
-        // of anything this client's next request sends there; the connection
-        // writes it out right after the answer. (Written first, it woke Redis
-        // first, and where Redis shares a CPU with the client the client
-        // waited for the script: 25-60 µs added at p50 in the bench.)
+        // of anything this client's next request sends there; the
+        // connection's task writes it out when it next runs, on one worker
+        // right after the answer. (Written first, it woke Redis first, and
+        // where Redis shares a CPU with the client the client waited for the
+        // script: 25-60 µs added at p50 in the bench.)
         let settled = settle.as_mut().now_or_never();
         let mut status = StatusCode::OK;
         match self.sink {
