@@ -6,7 +6,6 @@
 local id, day, month = ARGV[3], ARGV[4], ARGV[5]
 local prompt, lease = tonumber(ARGV[6]), tonumber(ARGV[7])
 local lim_dr, lim_mr, lim_dt, lim_mt = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
-sweep()
 local dk, mk = bucket_key('d', day), bucket_key('m', month)
 local du, mu = load(dk), load(mk)
 if not (du and mu) then return {0, du and 0 or 1, mu and 0 or 1} end

@@ -1,4 +1,4 @@
--- release: give a reservation back and charge instead (settle, admit, expire).
+-- release: give a reservation back and charge instead (settle, expire).
 -- held, pt, ct are whole numbers as decimal strings. A bucket that is gone
 -- (expired long after its period) is left alone.
 local function release_one(period, name, neg_held, pt, ct, refund)

@@ -23,11 +23,9 @@ local function headroom(lim_day, lim_month, du, mu)
   return h
 end
 
--- Record a reservation ("day|month|prompt|held|expires_ms", from strings)
--- and its expiry; both keys live while any reservation does.
+-- Record a reservation ("day|month|prompt|held|expires_ms", from strings);
+-- the hash lives while any reservation does.
 local function hold(id, day, month, prompt, held, expires, ttl_ms)
   redis.call('HSET', RESV, id, day .. '|' .. month .. '|' .. prompt .. '|' .. held .. '|' .. expires)
-  redis.call('ZADD', RESVX, expires, id)
   redis.call('PEXPIRE', RESV, ttl_ms)
-  redis.call('PEXPIRE', RESVX, ttl_ms)
 end

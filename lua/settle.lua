@@ -6,5 +6,4 @@ if not v then return 0 end
 local d, m, _, h = decode(v)
 release(d, m, h, ARGV[4], ARGV[5], ARGV[6] == '1')
 redis.call('HDEL', RESV, ARGV[3])
-redis.call('ZREM', RESVX, ARGV[3])
 return 1

@@ -125,7 +125,6 @@ impl MemoryStore {
 impl QuotaStore for MemoryStore {
     async fn admit(&self, req: &AdmitRequest) -> Result<Admit, StoreError> {
         let mut g = self.inner()?;
-        g.expire_key(req.key_id, req.now_ms);
         let (dr, mr) = (day_ref(req.key_id, &req.day), month_ref(req.key_id, &req.month));
         let missing: Vec<BucketRef> = [&dr, &mr].into_iter().filter(|r| !g.buckets.contains_key(*r)).cloned().collect();
         if !missing.is_empty() {

@@ -124,7 +124,6 @@ pub struct AdmitRequest {
     pub reservation_id: String,
     /// When the reservation lapses unless a lease renews it.
     pub expires_at_ms: i64,
-    pub now_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -517,7 +516,6 @@ impl Quota {
             lease_tokens: self.lease_tokens,
             reservation_id: fast_id(),
             expires_at_ms: self.expiry_ms(now),
-            now_ms: now.timestamp_millis(),
         };
         // A bucket can go missing again between seeding and admission (expiry,
         // a Redis restart); a few rounds settle it.

@@ -82,11 +82,11 @@ impl RedisStore {
             timeout,
             reservation_ttl,
             scripts: Scripts {
-                admit: script!("admit.lua", "release.lua", "sweep.lua", "reserve.lua"),
+                admit: script!("admit.lua", "reserve.lua"),
                 lease: script!("lease.lua", "reserve.lua"),
                 settle: script!("settle.lua", "release.lua"),
                 seed: script!("seed.lua"),
-                expire: script!("expire.lua", "release.lua", "sweep.lua"),
+                expire: script!("expire.lua", "release.lua"),
                 dirty: script!("dirty.lua", "reserve.lua"),
             },
         };
@@ -181,7 +181,7 @@ impl QuotaStore for RedisStore {
                 self.scripts
                     .admit
                     .arg(&base)
-                    .arg(req.now_ms)
+                    .arg(0)
                     .arg(&req.reservation_id)
                     .arg(&req.day)
                     .arg(&req.month)

@@ -20,7 +20,6 @@ fn req(key_id: i64, id: &str, limits: Limits, prompt: u64) -> AdmitRequest {
         lease_tokens: 256,
         reservation_id: id.into(),
         expires_at_ms: NOW + 60_000,
-        now_ms: NOW,
     }
 }
 
@@ -194,9 +193,8 @@ pub async fn lapsed_reservations_are_charged_what_they_held<S: QuotaStore>(s: S)
 }
 
 /// A reservation that holds nothing (an empty prompt, no lease) settles,
-/// and lapses, like any other; a lapsed one must not break the key's next
-/// admission, which sweeps it. (Redis: `-held` for 0 is `-0`, which
-/// HINCRBY refuses as "not an integer".)
+/// and lapses, like any other, and the key's next admission works. (Redis:
+/// `-held` for 0 is `-0`, which HINCRBY refuses as "not an integer".)
 pub async fn a_reservation_that_holds_nothing_settles_and_lapses<S: QuotaStore>(s: S) {
     seed_fresh(&s, 1).await;
     let l = Limits::default();
@@ -207,9 +205,8 @@ pub async fn a_reservation_that_holds_nothing_settles_and_lapses<S: QuotaStore>(
     let mut lapsing = req(1, "lapsing", l, 0);
     lapsing.lease_tokens = 0;
     assert_eq!(admit_ok(&s, &lapsing).await, 0);
-    let mut later = req(1, "later", l, 10);
-    later.now_ms = NOW + 61_000;
-    admit_ok(&s, &later).await;
+    assert_eq!(s.expire(NOW + 61_000, &[1]).await.unwrap(), 1, "the settled one is gone, the other lapses");
+    admit_ok(&s, &req(1, "later", l, 10)).await;
     let (d, _) = usage(&s, 1).await;
     assert_eq!((d.requests, d.reserved, d.tokens()), (3, 10 + 256, 0));
 }
@@ -219,22 +216,29 @@ pub async fn a_lease_renews_the_reservation<S: QuotaStore>(s: S) {
     let l = Limits::default();
     admit_ok(&s, &req(1, "a", l, 10)).await;
     s.lease(&resv(1, "a"), &l, 1, NOW + 120_000).await.unwrap();
-    let mut later = req(1, "b", l, 10);
-    (later.now_ms, later.expires_at_ms) = (NOW + 61_000, NOW + 180_000);
-    admit_ok(&s, &later).await;
-    assert_eq!(usage(&s, 1).await.0.tokens(), 0, "an admission does not sweep the renewed reservation");
     assert_eq!(s.expire(NOW + 61_000, &[1]).await.unwrap(), 0, "renewed by the lease");
+    assert_eq!(usage(&s, 1).await.0.tokens(), 0);
     assert_eq!(s.expire(NOW + 121_000, &[1]).await.unwrap(), 1);
 }
 
-pub async fn admission_sweeps_lapsed_reservations_of_the_key<S: QuotaStore>(s: S) {
+/// Admission leaves lapsed reservations to `expire` (the flusher's round):
+/// one weighs the same against the limits before it is charged as after,
+/// so the admissions in between get the same answers.
+pub async fn a_lapsed_reservation_weighs_the_same_before_and_after_expiry<S: QuotaStore>(s: S) {
     seed_fresh(&s, 1).await;
     let l = tokens(Some(300), None);
-    admit_ok(&s, &req(1, "a", l, 10)).await; // holds 266
-    let mut later = req(1, "b", l, 10);
-    later.now_ms = NOW + 61_000;
-    // "a" lapses and is charged 266: 34 left, enough for the 10-token prompt
-    assert_eq!(admit_ok(&s, &later).await, 34);
+    admit_ok(&s, &req(1, "a", l, 10)).await; // holds 266, lapses at NOW + 60 s
+    // whenever it comes (an admission knows no clock): "a" weighs 266,
+    // lapsed or not, so 34 are left, enough for the 10-token prompt
+    assert_eq!(admit_ok(&s, &req(1, "b", l, 10)).await, 34);
+    let (d, _) = usage(&s, 1).await;
+    assert_eq!((d.reserved, d.prompt_tokens, d.completion_tokens), (300, 0, 0));
+    assert_eq!(s.expire(NOW + 61_000, &[1]).await.unwrap(), 2, "\"b\" lapses at NOW + 60 s too");
+    let (d, _) = usage(&s, 1).await;
+    assert_eq!((d.reserved, d.prompt_tokens, d.completion_tokens), (0, 20, 280));
+    assert_eq!(d.committed_tokens(), 300, "charged what they held");
+    let refused = s.admit(&req(1, "c", l, 10)).await.unwrap();
+    assert!(matches!(refused, Admit::Rejected { limit: LimitKind::DailyTokens, .. }), "{refused:?}");
 }
 
 pub async fn usage_is_charged_to_the_buckets_of_admission<S: QuotaStore>(s: S) {
@@ -361,7 +365,7 @@ macro_rules! quota_suite {
             case!(lapsed_reservations_are_charged_what_they_held);
             case!(a_reservation_that_holds_nothing_settles_and_lapses);
             case!(a_lease_renews_the_reservation);
-            case!(admission_sweeps_lapsed_reservations_of_the_key);
+            case!(a_lapsed_reservation_weighs_the_same_before_and_after_expiry);
             case!(usage_is_charged_to_the_buckets_of_admission);
             case!(dirty_buckets_are_handed_out_once_and_again_after_a_failed_flush);
             case!(keys_do_not_share_buckets);
