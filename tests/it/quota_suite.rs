@@ -264,6 +264,17 @@ pub async fn dirty_buckets_are_handed_out_once_and_again_after_a_failed_flush<S:
     let refs: Vec<_> = dirty.into_iter().map(|(r, _)| r).collect();
     s.mark_dirty(&refs).await.unwrap();
     assert_eq!(s.take_dirty(&[1]).await.unwrap().len(), 2);
+    // a settlement changes both buckets again, and so does a lapse
+    s.settle(&resv(1, "a"), Charge { prompt_tokens: 10, completion_tokens: 5, refund_request: false }).await.unwrap();
+    let dirty = s.take_dirty(&[1]).await.unwrap();
+    assert_eq!(dirty.len(), 2, "{dirty:?}");
+    assert!(dirty.iter().all(|(_, u)| u.tokens() == 15 && u.reserved == 0), "{dirty:?}");
+    admit_ok(&s, &req(1, "b", Limits::default(), 10)).await;
+    s.take_dirty(&[1]).await.unwrap();
+    assert_eq!(s.expire(NOW + 61_000, &[1]).await.unwrap(), 1);
+    let dirty = s.take_dirty(&[1]).await.unwrap();
+    assert_eq!(dirty.len(), 2, "{dirty:?}");
+    assert!(dirty.iter().all(|(_, u)| u.tokens() == 15 + 266 && u.reserved == 0), "{dirty:?}");
 }
 
 pub async fn keys_do_not_share_buckets<S: QuotaStore>(s: S) {
