@@ -258,25 +258,37 @@ mod tests {
     }
 
     /// While a poller spins, its worker still runs every other task and
-    /// still sees its sockets: a one-worker runtime answers a TCP echo.
-    #[tokio::test]
-    async fn a_spinning_worker_still_serves_io() {
+    /// still sees its sockets: a one-worker runtime answers a TCP echo. The
+    /// runtime runs on a thread of its own, so a worker that starved its
+    /// I/O (no timer could fire on it either) fails the test after 10 s
+    /// instead of hanging it.
+    #[test]
+    fn a_spinning_worker_still_serves_io() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let busy = BusyPoll::start(Duration::from_secs(30));
-        busy.touch();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut buf = [0u8; 4];
-            s.read_exact(&mut buf).await.unwrap();
-            s.write_all(&buf).await.unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let echoed = rt.block_on(async {
+                let busy = BusyPoll::start(Duration::from_secs(30));
+                busy.touch();
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = listener.local_addr().unwrap();
+                tokio::spawn(async move {
+                    let (mut s, _) = listener.accept().await.unwrap();
+                    let mut buf = [0u8; 4];
+                    s.read_exact(&mut buf).await.unwrap();
+                    s.write_all(&buf).await.unwrap();
+                });
+                let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+                c.write_all(b"ping").await.unwrap();
+                let mut back = [0u8; 4];
+                c.read_exact(&mut back).await.unwrap();
+                (back, busy.sleeping())
+            });
+            let _ = tx.send(echoed);
         });
-        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-        c.write_all(b"ping").await.unwrap();
-        let mut back = [0u8; 4];
-        c.read_exact(&mut back).await.unwrap();
+        let (back, sleeping) = rx.recv_timeout(Duration::from_secs(10)).expect("the echo was answered while the poller spun");
         assert_eq!(&back, b"ping");
-        assert_eq!(busy.sleeping(), 0, "the poller was spinning all along");
+        assert_eq!(sleeping, 0, "the poller was spinning all along");
     }
 }
