@@ -212,7 +212,7 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
     // Pinned here, and lent to `admit_and_send`: moved into it, each would
     // take room twice in this request's future (the argument, and the
     // pinned copy), and the future is copied whole when it is boxed.
-    let admit = pin!(state.quota.admit(&state.db, key.id, key.limits, prompt_tokens));
+    let mut admit = pin!(state.quota.admit(&state.db, key.id, key.limits, prompt_tokens));
     let send = pin!(async {
         let sent = Instant::now();
         let upstream = match target {
@@ -225,8 +225,48 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
     let goes_on = |a: &Result<Admission, QuotaError>| matches!(a, Ok(Admission::Granted(_))) || (open && a.is_err());
     let ahead = state.quota.may_send_ahead(key.id, prompt_tokens);
     let before_upstream = started.elapsed();
-    let (admission, upstream, admission_wait) = admit_and_send(admit, send, ahead, goes_on).await;
+    let job = |meta: RequestMeta, reservation: Reservation, admission, overhead, sink| RelayJob {
+        state: state.clone(),
+        meta,
+        reservation,
+        admission,
+        sink,
+        client_wants_usage: parsed.client_wants_usage,
+        overhead,
+        _in_flight: metrics::InFlight::start(),
+    };
+    // A relay started before the admission came, and where its admission goes.
+    let mut early = None;
+    let (admission, upstream, admission_wait) = match admit_and_send(admit.as_mut(), send, ahead, goes_on).await {
+        Sent::Both(admission, upstream, waited) => (admission, upstream, waited),
+        Sent::UpstreamFirst(upstream) => {
+            let answered = Instant::now();
+            match upstream {
+                // The relay reads the upstream's answer while the admission
+                // comes (see `RelayJob::admission`).
+                Ok(resp) if resp.status().is_success() => {
+                    let (tx, rx) = oneshot::channel();
+                    let (sink, out) = sink(parsed.client_stream);
+                    let assumed = state.quota.assumed(key.id, key.limits, prompt_tokens);
+                    let mut relay = Inline::new(job(meta.clone(), assumed, Some(rx), Duration::ZERO, sink).run(resp), &state.tasks);
+                    let admission = relay.alongside(admit.as_mut()).await;
+                    early = Some((relay, out, tx));
+                    (admission, None, answered.elapsed())
+                }
+                failed => {
+                    let admission = admit.await;
+                    let upstream = goes_on(&admission).then_some(failed);
+                    (admission, upstream, answered.elapsed())
+                }
+            }
+        }
+    };
     let overhead = before_upstream + admission_wait;
+    let cancel_early = |early: Option<(Inline, Out, _)>| {
+        if let Some((relay, _, _)) = early {
+            relay.cancel();
+        }
+    };
 
     let admission = match admission {
         Ok(a) => a,
@@ -234,11 +274,15 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
             tracing::warn!(error = %e, key_id = key.id, "quota store unavailable; serving unmetered (QUOTA_FAILURE_MODE=open)");
             Admission::Granted(state.quota.unenforced(key.id, key.limits, prompt_tokens))
         }
-        Err(e) => return Err(ApiError::quota_store(e)),
+        Err(e) => {
+            cancel_early(early);
+            return Err(ApiError::quota_store(e));
+        }
     };
     let reservation = match admission {
         Admission::Granted(r) => r,
         Admission::Rejected(rej) => {
+            cancel_early(early);
             ::metrics::counter!(metrics::REJECTIONS, "reason" => rej.limit.label()).increment(1);
             let now = state.quota.now();
             let msg = format!(
@@ -256,6 +300,16 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
             return Err(err);
         }
     };
+    let now = state.quota.now();
+    let mut extra = HeaderMap::new();
+    rate_limit_headers(&mut extra, &reservation.status, now);
+    extra.insert(HeaderName::from_static("x-request-id"), HeaderValue::from_str(&meta.request_id).expect("hex id is ASCII"));
+    if let Some((relay, out, admitted)) = early {
+        // The relay awaits this before it hands anything on or finishes,
+        // so it is there to take it.
+        let _ = admitted.send((reservation, overhead));
+        return respond(relay, out, extra, dialect).await;
+    }
     let upstream = upstream.expect("a granted request went to the upstream");
     let fail = |r: &Reservation, status: StatusCode, refund: bool| {
         let outcome = if refund { "upstream_error" } else { "upstream_rejected" };
@@ -270,7 +324,6 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
             return Err(err);
         }
     };
-    let now = state.quota.now();
     if !upstream.status().is_success() {
         // Upstream errors pass through with their status and body. A 5xx is
         // the upstream's failure (refunded); a 4xx counts as a request.
@@ -293,43 +346,61 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
         return Ok(resp);
     }
 
-    let mut extra = HeaderMap::new();
-    rate_limit_headers(&mut extra, &reservation.status, now);
-    extra.insert(HeaderName::from_static("x-request-id"), HeaderValue::from_str(&meta.request_id).expect("hex id is ASCII"));
-    let job = |sink| RelayJob {
-        state: state.clone(),
-        meta,
-        reservation,
-        sink,
-        client_wants_usage: parsed.client_wants_usage,
-        overhead,
-        _in_flight: metrics::InFlight::start(),
-    };
-    if parsed.client_stream {
+    let (sink, out) = sink(parsed.client_stream);
+    let relay = Inline::new(job(meta, reservation, None, overhead, sink).run(upstream), &state.tasks);
+    respond(relay, out, extra, dialect).await
+}
+
+/// Where a relay's output goes, as the handler takes it.
+enum Out {
+    Stream(mpsc::Receiver<Result<Bytes, std::io::Error>>),
+    Whole(oneshot::Receiver<Result<relay::Answer, ApiError>>),
+}
+
+fn sink(client_stream: bool) -> (Sink, Out) {
+    if client_stream {
         let (tx, rx) = mpsc::channel(16);
-        let relay = Inline::new(job(Sink::Stream(tx)).run(upstream), &state.tasks);
-        let content_type = if dialect == Dialect::OpenAiChat { "text/event-stream" } else { "application/x-ndjson" };
-        let mut resp = Response::new(relay.body(rx));
-        let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        h.insert(HeaderName::from_static("x-accel-buffering"), HeaderValue::from_static("no"));
-        h.extend(extra);
-        Ok(resp)
+        (Sink::Stream(tx), Out::Stream(rx))
     } else {
         let (tx, rx) = oneshot::channel();
-        let relay = Inline::new(job(Sink::Whole(tx)).run(upstream), &state.tasks);
-        let answer = relay.answer(rx).await.map_err(|_| ApiError::internal("the relay ended without an answer"))?;
-        let mut resp = match answer {
+        (Sink::Whole(tx), Out::Whole(rx))
+    }
+}
+
+/// The client's response, from the relay: a streaming body, or the
+/// non-stream answer once the relay has it.
+async fn respond(relay: Inline, out: Out, extra: HeaderMap, dialect: Dialect) -> Result<Response, ApiError> {
+    let mut resp = match out {
+        Out::Stream(rx) => {
+            let content_type = if dialect == Dialect::OpenAiChat { "text/event-stream" } else { "application/x-ndjson" };
+            let mut resp = Response::new(relay.body(rx));
+            let h = resp.headers_mut();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            h.insert(HeaderName::from_static("x-accel-buffering"), HeaderValue::from_static("no"));
+            resp
+        }
+        Out::Whole(rx) => match relay.answer(rx).await.map_err(|_| ApiError::internal("the relay ended without an answer"))? {
             Ok(answer) => answer.into_response(),
             Err(e) => {
                 let protocol = if dialect == Dialect::OpenAiChat { Protocol::OpenAi } else { Protocol::Ollama };
                 e.in_protocol(protocol).into_response()
             }
-        };
-        resp.headers_mut().extend(extra);
-        Ok(resp)
-    }
+        },
+    };
+    resp.headers_mut().extend(extra);
+    Ok(resp)
+}
+
+/// What `admit_and_send` brings back.
+enum Sent<A, U> {
+    /// The admission, the upstream's answer if the admission let the
+    /// request through, and how long the request waited on the admission
+    /// alone.
+    Both(A, Option<U>, Duration),
+    /// The upstream's answer: it came first, and the admission is still on
+    /// its way.
+    UpstreamFirst(U),
 }
 
 /// Runs the admission, and the upstream request once the admission lets
@@ -337,33 +408,26 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
 /// once, alongside the admission (one store round trip off the client's
 /// time), and is dropped, which cancels it, if the admission refuses:
 /// nothing of it reaches the client or the key's usage before the
-/// admission is in. Also returns how long the request waited on the
-/// admission alone.
+/// admission is in.
 async fn admit_and_send<A: Future, U: Future>(
     admit: Pin<&mut A>,
     send: Pin<&mut U>,
     ahead: bool,
     goes_on: impl Fn(&A::Output) -> bool,
-) -> (A::Output, Option<U::Output>, Duration) {
+) -> Sent<A::Output, U::Output> {
     let started = Instant::now();
     if !ahead {
         let admission = admit.await;
         let waited = started.elapsed();
         let upstream = if goes_on(&admission) { Some(send.await) } else { None };
-        return (admission, upstream, waited);
+        return Sent::Both(admission, upstream, waited);
     }
     match future::select(admit, send).await {
         Either::Left((admission, send)) => {
             let upstream = if goes_on(&admission) { Some(send.await) } else { None };
-            (admission, upstream, Duration::ZERO)
+            Sent::Both(admission, upstream, Duration::ZERO)
         }
-        Either::Right((upstream, admit)) => {
-            let answered = Instant::now();
-            let admission = admit.await;
-            let waited = answered.elapsed();
-            let upstream = goes_on(&admission).then_some(upstream);
-            (admission, upstream, waited)
-        }
+        Either::Right((upstream, _)) => Sent::UpstreamFirst(upstream),
     }
 }
 

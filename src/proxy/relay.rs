@@ -6,9 +6,12 @@
 //! the handler awaiting the answer), and goes on in a task of its own if
 //! that goes away first, so settlement happens whatever the client does; a
 //! client that goes away cancels the upstream request by dropping it.
+//! When the upstream answers a request sent ahead before its admission
+//! comes, the relay reads on meanwhile (see `RelayJob::admission`).
 
 use std::{
     borrow::Cow,
+    collections::VecDeque,
     future::Future,
     pin::Pin,
     task::{Context, Poll},
@@ -61,6 +64,11 @@ impl Dialect {
         }
     }
 }
+
+/// How many frames a relay handles before its admission comes, at most,
+/// before it awaits the admission (the room it assumes bounds the frames
+/// with tokens; this bounds the others).
+const KEEP_AT_MOST: usize = 256;
 
 /// How long a finished relay waits for the end of the upstream's body.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
@@ -218,6 +226,15 @@ impl Framer {
     }
 }
 
+/// What the relay handles, in the order the upstream's stream brought it.
+enum Input {
+    Frame(Frame),
+    /// The stream ended (its last frame already handed on).
+    End,
+    /// The stream broke off, or went quiet for too long.
+    Fail(String),
+}
+
 /// What one read of the upstream's body brought.
 enum Read {
     Bytes(Bytes),
@@ -339,6 +356,22 @@ impl Inline {
         Body::from_stream(Streaming { rx, relay: self })
     }
 
+    /// Awaits `admission`, moving the relay on meanwhile: the upstream
+    /// answered first, and the relay reads on while the admission comes.
+    pub async fn alongside<F: Future>(&mut self, mut admission: Pin<&mut F>) -> F::Output {
+        std::future::poll_fn(|cx| {
+            self.poll(cx);
+            admission.as_mut().poll(cx)
+        })
+        .await
+    }
+
+    /// Drops a relay whose admission refused it: it has sent nothing and
+    /// holds nothing, so nothing is left for it to do on its own.
+    pub fn cancel(mut self) {
+        self.relay = None;
+    }
+
     /// A non-stream client's answer, from what the relay sends to `rx`.
     pub async fn answer(mut self, mut rx: oneshot::Receiver<Result<Answer, ApiError>>) -> Result<Result<Answer, ApiError>, oneshot::error::RecvError> {
         std::future::poll_fn(|cx| {
@@ -407,6 +440,7 @@ impl axum::response::IntoResponse for Answer {
 }
 
 /// What identifies one completion request, from admission to its usage event.
+#[derive(Clone)]
 pub struct RequestMeta {
     pub request_id: String,
     pub key_id: i64,
@@ -439,6 +473,18 @@ pub struct RelayJob {
     pub state: AppState,
     pub meta: RequestMeta,
     pub reservation: Reservation,
+    /// The admission and the handler's overhead, when the upstream answered
+    /// before the admission came (a request sent ahead, see
+    /// `Quota::may_send_ahead`). Until they come the relay reads on with
+    /// `reservation` as `Quota::assumed` makes it (the prompt and one
+    /// lease), hands nothing to the client, and keeps what it handled;
+    /// it takes the admission in as soon as it comes while it waits for the
+    /// upstream, and awaits it before a chunk that needs more than that
+    /// room, and before it finishes. An admission that left less room than was assumed, with a
+    /// lease that cannot make up the difference, has the relay handle what
+    /// it kept again with the room there is: the answer is the one a relay
+    /// that had waited would give.
+    pub admission: Option<oneshot::Receiver<(Reservation, Duration)>>,
     pub sink: Sink,
     /// OpenAI stream: the client asked for the usage chunk itself.
     pub client_wants_usage: bool,
@@ -497,26 +543,49 @@ impl Outbox {
 impl RelayJob {
     pub async fn run(mut self, upstream: upstream::Response) {
         let idle = self.state.config.upstream_idle_timeout;
-        let mut run = Run {
-            metered: 0,
-            upstream_usage: None,
-            outcome: None,
-            error: None,
-            ollama: ollama::Assembler::new(self.meta.dialect == Dialect::OllamaGenerate),
-            openai: openai::Assembler::default(),
-            final_chunk: None,
-            saw_finish: false,
-            error_forwarded: false,
-            outbox: Outbox::default(),
-        };
+        let mut run = Run::new(self.meta.dialect);
         let mut framer = Framer { sse: self.meta.dialect.is_sse(), ..Default::default() };
         let mut upstream = Reader::new(upstream.into_body(), idle);
-        while run.outcome.is_none() {
-            let frame = match framer.next_frame() {
-                Some(f) => Some(f),
-                None => {
+        // While the admission is on its way: what was handled, in case it
+        // must be handled again; and what is to be handled again.
+        let mut kept: Vec<Input> = Vec::new();
+        let mut again: VecDeque<Input> = VecDeque::new();
+        loop {
+            while run.outcome.is_none() {
+                if kept.len() >= KEEP_AT_MOST {
+                    if !self.admitted(&mut run, &mut kept, &mut again).await {
+                        return;
+                    }
+                    continue;
+                }
+                let input = if let Some(input) = again.pop_front() {
+                    input
+                } else if let Some(frame) = framer.next_frame() {
+                    Input::Frame(frame)
+                } else {
                     let read = match upstream.ready() {
                         Some(read) => read,
+                        None if self.admission.is_some() => {
+                            // Whichever comes first: more of the answer, or
+                            // the admission.
+                            let Some(admission) = self.admission.as_mut() else { unreachable!("checked") };
+                            let came = tokio::select! {
+                                biased;
+                                admitted = admission => Err(admitted),
+                                read = upstream.next() => Ok(read),
+                            };
+                            self.state.busy.touch();
+                            match came {
+                                Ok(read) => read,
+                                Err(admitted) => {
+                                    self.admission = None;
+                                    if !self.take_admission(admitted, &mut run, &mut kept, &mut again).await {
+                                        return;
+                                    }
+                                    continue;
+                                }
+                            }
+                        }
                         None => {
                             // Nothing more has come: what is queued goes
                             // out before the wait.
@@ -534,24 +603,37 @@ impl RelayJob {
                             framer.push(bytes);
                             continue;
                         }
-                        Read::End => framer.finish(),
-                        Read::Broke(e) => {
-                            run.fail(format!("upstream stream broke: {e}"));
-                            None
-                        }
-                        Read::Idle => {
-                            run.fail(format!("upstream sent nothing for {idle:?}"));
-                            None
+                        Read::End => framer.finish().map_or(Input::End, Input::Frame),
+                        Read::Broke(e) => Input::Fail(format!("upstream stream broke: {e}")),
+                        Read::Idle => Input::Fail(format!("upstream sent nothing for {idle:?}")),
+                    }
+                };
+                match &input {
+                    Input::Frame(frame) => {
+                        if !self.handle(&mut run, frame).await {
+                            // It needs more room than was assumed.
+                            again.push_front(input);
+                            if !self.admitted(&mut run, &mut kept, &mut again).await {
+                                return;
+                            }
+                            continue;
                         }
                     }
+                    Input::End if run.outcome.is_none() && run.saw_finish => run.outcome = Some(Outcome::Complete),
+                    // The stream ended without its final chunk.
+                    Input::End if run.outcome.is_none() => run.fail("upstream ended the stream early".into()),
+                    Input::End => {}
+                    Input::Fail(msg) => run.fail(msg.clone()),
                 }
-            };
-            match frame {
-                Some(frame) => self.handle(&mut run, frame).await,
-                None if run.outcome.is_none() && run.saw_finish => run.outcome = Some(Outcome::Complete),
-                // The stream ended without its final chunk.
-                None if run.outcome.is_none() => run.fail("upstream ended the stream early".into()),
-                None => {}
+                if self.admission.is_some() {
+                    kept.push(input);
+                }
+            }
+            if self.admission.is_none() {
+                break;
+            }
+            if !self.admitted(&mut run, &mut kept, &mut again).await {
+                return;
             }
         }
         // Dropping the response cancels the upstream request; a complete
@@ -569,6 +651,50 @@ impl RelayJob {
             })
             .await;
         }
+    }
+
+    /// Awaits the admission of a relay that started before it came (see
+    /// `admission`; at once when there is none to await); false if it
+    /// refused.
+    async fn admitted(&mut self, run: &mut Run, kept: &mut Vec<Input>, again: &mut VecDeque<Input>) -> bool {
+        match self.admission.take() {
+            Some(admission) => self.take_admission(admission.await, run, kept, again).await,
+            None => true,
+        }
+    }
+
+    /// Takes the admission in; false if it refused or failed (the handler
+    /// answers, nothing is charged or recorded here). If it left less room
+    /// than was assumed and a lease cannot make up the difference, the relay
+    /// starts over: what it `kept` is to be handled `again`, before the
+    /// rest, with the room there is.
+    async fn take_admission(
+        &mut self,
+        admitted: Result<(Reservation, Duration), oneshot::error::RecvError>,
+        run: &mut Run,
+        kept: &mut Vec<Input>,
+        again: &mut VecDeque<Input>,
+    ) -> bool {
+        let Ok((reservation, overhead)) = admitted else { return false };
+        (self.reservation, self.overhead) = (reservation, overhead);
+        let (need, held) = (self.reservation.prompt_tokens + run.metered, self.reservation.held);
+        let fits = need <= held
+            || match self.state.quota.lease(&mut self.reservation, need - held).await {
+                Ok(_) => self.reservation.held >= need,
+                Err(e) => {
+                    tracing::error!(error = %e, "lease failed; ending the completion");
+                    false
+                }
+            };
+        if fits {
+            *kept = Vec::new();
+        } else {
+            *run = Run::new(self.meta.dialect);
+            for input in kept.drain(..).rev() {
+                again.push_front(input);
+            }
+        }
+        true
     }
 
     fn client_gone(&self) -> bool {
@@ -589,6 +715,10 @@ impl RelayJob {
     /// that has gone turns a completion still under way (or just
     /// complete) into a disconnect.
     async fn flush(&self, run: &mut Run) {
+        if self.admission.is_some() {
+            // Nothing reaches the client before the admission.
+            return;
+        }
         let (Sink::Stream(tx), Some(bytes)) = (&self.sink, run.outbox.take()) else { return };
         if tx.send(Ok(bytes)).await.is_err() && matches!(run.outcome, None | Some(Outcome::Complete)) {
             run.outcome = Some(Outcome::Disconnect);
@@ -604,12 +734,14 @@ impl RelayJob {
         frame(self.meta.dialect.is_sse(), json.as_bytes())
     }
 
-    async fn handle(&mut self, run: &mut Run, frame: Frame) {
+    /// Handles one frame; false (and nothing done) when the admission has
+    /// not come and the frame needs more room than was assumed.
+    async fn handle(&mut self, run: &mut Run, frame: &Frame) -> bool {
         let data = match frame {
             Frame::Done => {
                 self.send(run, Bytes::from_static(b"data: [DONE]\n\n"));
                 run.outcome.get_or_insert(Outcome::Complete);
-                return;
+                return true;
             }
             Frame::Data(chunk) => chunk,
         };
@@ -632,7 +764,7 @@ impl RelayJob {
                 Ok(v) => Parsed::Value(v),
                 Err(_) => {
                     run.fail("upstream sent a chunk that is not JSON".into());
-                    return;
+                    return true;
                 }
             },
         };
@@ -644,10 +776,10 @@ impl RelayJob {
                     .or_else(|| err.get("message").and_then(Value::as_str).map(str::to_string))
                     .unwrap_or_else(|| err.to_string());
                 // Pass the upstream's own error line on to a streaming client.
-                self.send_chunk(run, &data, &text);
+                self.send_chunk(run, data, &text);
                 run.error_forwarded = true;
                 run.fail(msg);
-                return;
+                return true;
             }
         }
         let n = match &parsed {
@@ -659,22 +791,25 @@ impl RelayJob {
         if n > 0 {
             let need = self.reservation.prompt_tokens + run.metered + n;
             if need > self.reservation.held {
+                if self.admission.is_some() {
+                    return false;
+                }
                 let short = need - self.reservation.held;
                 // What is ready goes out before the store round trip.
                 self.flush(run).await;
                 if run.outcome.is_some() {
-                    return;
+                    return true;
                 }
                 match self.state.quota.lease(&mut self.reservation, short).await {
                     Ok(_) if self.reservation.held >= need => {}
                     Ok(_) => {
                         self.end_at_quota(run);
-                        return;
+                        return true;
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "lease failed; ending the completion");
                         self.end_at_quota(run);
-                        return;
+                        return true;
                     }
                 }
             }
@@ -705,7 +840,7 @@ impl RelayJob {
                 if usage_only && !self.client_wants_usage {
                     // asked for by the gateway, not by the client
                 } else if !whole {
-                    self.send_chunk(run, &data, &text);
+                    self.send_chunk(run, data, &text);
                 } else {
                     match &parsed {
                         Parsed::Value(v) => run.openai.push(v),
@@ -725,7 +860,7 @@ impl RelayJob {
                     run.upstream_usage = Some(u);
                 }
                 if !whole {
-                    self.send_chunk(run, &data, &text);
+                    self.send_chunk(run, data, &text);
                 } else {
                     match &parsed {
                         Parsed::Value(v) => run.ollama.push(v),
@@ -744,6 +879,7 @@ impl RelayJob {
         if run.outcome.is_none() && self.client_gone() {
             run.outcome = Some(Outcome::Disconnect);
         }
+        true
     }
 
     /// The key has nothing left: end the completion the way the protocol
@@ -855,6 +991,21 @@ impl RelayJob {
 }
 
 impl Run {
+    fn new(dialect: Dialect) -> Run {
+        Run {
+            metered: 0,
+            upstream_usage: None,
+            outcome: None,
+            error: None,
+            ollama: ollama::Assembler::new(dialect == Dialect::OllamaGenerate),
+            openai: openai::Assembler::default(),
+            final_chunk: None,
+            saw_finish: false,
+            error_forwarded: false,
+            outbox: Outbox::default(),
+        }
+    }
+
     fn fail(&mut self, msg: String) {
         self.error = Some(msg);
         self.outcome = Some(Outcome::UpstreamError);

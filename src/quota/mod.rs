@@ -614,6 +614,14 @@ impl Quota {
         }
     }
 
+    /// What a request sent ahead holds while its admission is on the way
+    /// (the relay's stand-in, see `RelayJob::admission`): its prompt and
+    /// one lease, the room `may_send_ahead` saw. Never in the store, never
+    /// settled: the admission's reservation replaces it.
+    pub fn assumed(&self, key_id: i64, limits: Limits, prompt_tokens: u64) -> Reservation {
+        Reservation { held: prompt_tokens + self.lease_tokens, enforced: true, ..self.unenforced(key_id, limits, prompt_tokens) }
+    }
+
     /// Limits, usage and resets of a key right now (seeding what is missing).
     pub async fn status_of(&self, seeder: &impl Seeder, key_id: i64, limits: Limits) -> Result<QuotaStatus, QuotaError> {
         let p = self.periods();

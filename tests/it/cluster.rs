@@ -210,6 +210,113 @@ async fn sending_ahead_takes_from_what_the_last_admission_left() {
     assert!(!quota.may_send_ahead(by_tokens, 0), "nothing was left for another lease");
 }
 
+/// A request sent ahead whose upstream answers before its admission: the
+/// relay reads the answer meanwhile, and the client gets it, metered and
+/// settled against the admission's reservation, not the stand-in.
+#[tokio::test]
+async fn an_answer_read_before_its_admission_came_is_served_and_settled_once_admitted() {
+    let cluster = Cluster::new().await;
+    let (slow, app) = behind_redis_proxy(&cluster, |o| o).await;
+    let (id, key) = app.create_key(json!({"name": "k", "daily_token_limit": 100_000})).await;
+    let body = json!({"model": MODEL, "stream": false, "messages": [{"role": "user", "content": "hi"}]});
+    assert_eq!(app.post("/api/chat", &key, body.clone()).send().await.unwrap().status(), 200, "admitted first: the key is new here");
+    app.settled().await;
+    let periods = app.state.quota.periods();
+    let usage = || async { app.state.quota.store.usage(id, &periods.day, &periods.month).await.unwrap().0.unwrap() };
+    let before = usage().await;
+
+    // Redis answers slowly; the mock at once: the answer is in long before the admission.
+    slow.set_delay(Duration::from_millis(100));
+    let ollama_total = |v: &Value| v["prompt_eval_count"].as_u64().unwrap() + v["eval_count"].as_u64().unwrap();
+    let v: Value = app.post("/api/chat", &key, body.clone()).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["message"]["content"], crate::mock::reply_text(12));
+    assert_eq!(v["done_reason"], "stop");
+    let mut used = ollama_total(&v);
+    let mut stream_body = body.clone();
+    stream_body["stream"] = json!(true);
+    let resp = app.post("/api/chat", &key, stream_body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().contains_key("x-ratelimit-remaining-tokens"));
+    let lines = crate::common::ndjson(&resp.text().await.unwrap());
+    let text: String = lines.iter().filter_map(|l| l["message"]["content"].as_str()).collect();
+    assert_eq!(text, crate::mock::reply_text(12));
+    assert_eq!(lines.last().unwrap()["done_reason"], "stop");
+    used += ollama_total(lines.last().unwrap());
+    let v: Value = app.post("/v1/chat/completions", &key, chat(MODEL, "hi")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], crate::mock::reply_text(12));
+    used += v["usage"]["total_tokens"].as_u64().unwrap();
+
+    app.settled().await;
+    let after = usage().await;
+    assert_eq!(after.net_requests(), before.net_requests() + 3);
+    assert_eq!(after.tokens(), before.tokens() + used, "charged what was used");
+    assert_eq!(after.reserved, 0, "the admissions' reservations were settled");
+    assert_eq!(app.mock.state.requests(), 4);
+}
+
+/// The key ran low on another replica after this one last admitted it: the
+/// admission of a request sent ahead leaves less room than the relay assumed
+/// while it read the answer. The client gets what it would have got had the
+/// relay waited: the answer cut where the key ran out, not a token more.
+#[tokio::test]
+async fn an_admission_with_less_room_than_assumed_cuts_the_answer_where_the_key_runs_out() {
+    let cluster = Cluster::new().await;
+    let (slow, a) = behind_redis_proxy(&cluster, |o| o.env("LEASE_TOKENS", "8")).await;
+    let b = TestApp::spawn_with(cluster.options().env("MIGRATE_ON_START", "false").env("OLLAMA_URL", &a.mock.url).env("LEASE_TOKENS", "8")).await;
+    a.mock.state.set_reply_tokens(20);
+    // The whole answer in one write: the relay has all of it at once and
+    // reads past the room the admission will leave before it comes.
+    a.mock.state.set_one_write(true);
+    let body = json!({"model": MODEL, "stream": false, "messages": [{"role": "user", "content": "hi"}]});
+    let prompt = llm_quota::tokens::count_chat_prompt(&body);
+    let mut stream_body = body.clone();
+    stream_body["stream"] = json!(true);
+    let (_, probe) = a.create_key(json!({"name": "probe"})).await;
+    let answer: Value = a.post("/api/chat", &probe, body.clone()).send().await.unwrap().json().await.unwrap();
+    let whole = answer["prompt_eval_count"].as_u64().unwrap() + answer["eval_count"].as_u64().unwrap();
+    assert_eq!(answer["prompt_eval_count"], prompt);
+    for stream in [false, true] {
+        // Room for two whole answers, and then for the prompt and 3 tokens.
+        let limit = 2 * whole + prompt + 3;
+        let (id, key) = a.create_key(json!({"name": format!("k{stream}"), "daily_token_limit": limit})).await;
+        assert_eq!(a.post("/api/chat", &key, body.clone()).send().await.unwrap().status(), 200);
+        assert_eq!(b.post("/api/chat", &key, body.clone()).send().await.unwrap().status(), 200);
+        settle_all(&[&a, &b]).await;
+        // (This takes from that room, and leaves enough for the next request.)
+        assert!(a.state.quota.may_send_ahead(id, prompt), "replica A still sees room for the prompt and a lease");
+
+        slow.set_delay(Duration::from_millis(100));
+        let resp = a.post("/api/chat", &key, if stream { stream_body.clone() } else { body.clone() }).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let text = resp.text().await.unwrap();
+        let (content, last) = if stream {
+            let lines = crate::common::ndjson(&text);
+            (lines.iter().filter_map(|l| l["message"]["content"].as_str()).collect::<String>(), lines.last().unwrap().clone())
+        } else {
+            let v: Value = serde_json::from_str(&text).unwrap();
+            (v["message"]["content"].as_str().unwrap().to_string(), v)
+        };
+        // The words that fit in 3 tokens.
+        let (mut fits, mut n) = (String::new(), 0);
+        for word in (0..).map(crate::mock::reply_word) {
+            let t = llm_quota::tokens::count_text(word);
+            if n + t > 3 {
+                break;
+            }
+            (n, fits) = (n + t, fits + word);
+        }
+        assert_eq!(content, fits, "stream {stream}: three tokens were left");
+        assert_eq!(last["done_reason"], "length");
+        assert_eq!(last["eval_count"], n);
+        slow.set_delay(Duration::ZERO);
+        settle_all(&[&a, &b]).await;
+        let periods = a.state.quota.periods();
+        let (day, _) = a.state.quota.store.usage(id, &periods.day, &periods.month).await.unwrap();
+        let day = day.unwrap();
+        assert_eq!((day.tokens(), day.reserved), (limit - 3 + n, 0), "stream {stream}: charged what was delivered, within the limit");
+    }
+}
+
 #[tokio::test]
 async fn redis_down_means_503_in_bounded_time_and_recovery_without_restart() {
     let cluster = Cluster::new().await;

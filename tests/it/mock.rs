@@ -141,6 +141,7 @@ pub struct MockState {
     reply_tokens: AtomicUsize,
     chunk_delay: Mutex<Duration>,
     header_delay: Mutex<Duration>,
+    one_write: std::sync::atomic::AtomicBool,
     failure: Mutex<Failure>,
     requests: AtomicUsize,
     connections: AtomicUsize,
@@ -158,6 +159,7 @@ impl Default for MockState {
             reply_tokens: AtomicUsize::new(12),
             chunk_delay: Mutex::new(Duration::ZERO),
             header_delay: Mutex::new(Duration::ZERO),
+            one_write: std::sync::atomic::AtomicBool::new(false),
             failure: Mutex::new(Failure::None),
             requests: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
@@ -191,6 +193,13 @@ impl MockState {
     /// Delay before the response headers of every route (default zero).
     pub fn set_header_delay(&self, d: Duration) {
         *lock(&self.header_delay) = d;
+    }
+
+    /// A stream's frames in one write, as a server that has the whole
+    /// answer at once (or a buffering hop on the way) sends them (default
+    /// off: one write per frame). The gateway then has them all in one read.
+    pub fn set_one_write(&self, on: bool) {
+        self.one_write.store(on, Ordering::SeqCst);
     }
 
     pub fn set_failure(&self, f: Failure) {
@@ -903,6 +912,7 @@ struct StreamRun {
     frames: VecDeque<Frame>,
     proto: Proto,
     delay: Duration,
+    one_write: bool,
     started: bool,
     guard: StreamGuard,
 }
@@ -926,6 +936,7 @@ fn stream_body(state: Arc<MockState>, proto: Proto, frames: Vec<Frame>) -> Body 
         frames: frames.into(),
         proto,
         delay: state.chunk_delay(),
+        one_write: state.one_write.load(Ordering::SeqCst),
         started: false,
         guard: StreamGuard {
             state,
@@ -944,6 +955,19 @@ fn stream_body(state: Arc<MockState>, proto: Proto, frames: Vec<Frame>) -> Body 
             tokio::time::sleep(run.delay).await;
         }
         run.started = true;
+        if run.one_write && run.frames.iter().all(|f| !matches!(f, Frame::Reset)) {
+            let mut all = bytes::BytesMut::new();
+            for f in std::iter::once(frame).chain(run.frames.drain(..)) {
+                all.extend_from_slice(&match f {
+                    Frame::Json(v) => encode(run.proto, v),
+                    Frame::SseDone => Bytes::from_static(b"data: [DONE]\n\n"),
+                    Frame::Raw(b) => b,
+                    Frame::Reset => unreachable!("checked above"),
+                });
+            }
+            run.guard.finished = true;
+            return Some((Ok(all.freeze()), run));
+        }
         if run.frames.is_empty() {
             run.guard.finished = true;
         }
