@@ -20,7 +20,7 @@ use std::{
 
 use axum::{body::Body, http::StatusCode};
 use bytes::{Bytes, BytesMut};
-use futures_util::FutureExt;
+use futures_util::{future::Either, FutureExt};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
@@ -571,13 +571,13 @@ impl RelayJob {
                             let Some(admission) = self.admission.as_mut() else { unreachable!("checked") };
                             let came = tokio::select! {
                                 biased;
-                                admitted = admission => Err(admitted),
-                                read = upstream.next() => Ok(read),
+                                admitted = admission => Either::Left(admitted),
+                                read = upstream.next() => Either::Right(read),
                             };
                             self.state.busy.touch();
                             match came {
-                                Ok(read) => read,
-                                Err(admitted) => {
+                                Either::Right(read) => read,
+                                Either::Left(admitted) => {
                                     self.admission = None;
                                     if !self.take_admission(admitted, &mut run, &mut kept, &mut again).await {
                                         return;
