@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -141,7 +141,7 @@ pub struct MockState {
     reply_tokens: AtomicUsize,
     chunk_delay: Mutex<Duration>,
     header_delay: Mutex<Duration>,
-    one_write: std::sync::atomic::AtomicBool,
+    one_write: AtomicBool,
     failure: Mutex<Failure>,
     requests: AtomicUsize,
     connections: AtomicUsize,
@@ -159,7 +159,7 @@ impl Default for MockState {
             reply_tokens: AtomicUsize::new(12),
             chunk_delay: Mutex::new(Duration::ZERO),
             header_delay: Mutex::new(Duration::ZERO),
-            one_write: std::sync::atomic::AtomicBool::new(false),
+            one_write: AtomicBool::new(false),
             failure: Mutex::new(Failure::None),
             requests: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
@@ -955,7 +955,7 @@ fn stream_body(state: Arc<MockState>, proto: Proto, frames: Vec<Frame>) -> Body 
             tokio::time::sleep(run.delay).await;
         }
         run.started = true;
-        if run.one_write && run.frames.iter().all(|f| !matches!(f, Frame::Reset)) {
+        if run.one_write && !matches!(frame, Frame::Reset) && run.frames.iter().all(|f| !matches!(f, Frame::Reset)) {
             let mut all = bytes::BytesMut::new();
             for f in std::iter::once(frame).chain(run.frames.drain(..)) {
                 all.extend_from_slice(&match f {
