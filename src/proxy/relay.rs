@@ -356,12 +356,12 @@ impl Inline {
         Body::from_stream(Streaming { rx, relay: self })
     }
 
-    /// Awaits `admission`, moving the relay on meanwhile: the upstream
-    /// answered first, and the relay reads on while the admission comes.
-    pub async fn alongside<F: Future>(&mut self, mut admission: Pin<&mut F>) -> F::Output {
+    /// Awaits `other`, moving the relay on meanwhile: the admission of a
+    /// relay that started before it came, or the relay's own answer.
+    pub async fn alongside<F: Future>(&mut self, mut other: Pin<&mut F>) -> F::Output {
         std::future::poll_fn(|cx| {
             self.poll(cx);
-            admission.as_mut().poll(cx)
+            other.as_mut().poll(cx)
         })
         .await
     }
@@ -373,12 +373,8 @@ impl Inline {
     }
 
     /// A non-stream client's answer, from what the relay sends to `rx`.
-    pub async fn answer(mut self, mut rx: oneshot::Receiver<Result<Answer, ApiError>>) -> Result<Result<Answer, ApiError>, oneshot::error::RecvError> {
-        std::future::poll_fn(|cx| {
-            self.poll(cx);
-            Pin::new(&mut rx).poll(cx)
-        })
-        .await
+    pub async fn answer(mut self, rx: oneshot::Receiver<Result<Answer, ApiError>>) -> Result<Result<Answer, ApiError>, oneshot::error::RecvError> {
+        self.alongside(std::pin::pin!(rx)).await
     }
 }
 
@@ -715,10 +711,9 @@ impl RelayJob {
     /// that has gone turns a completion still under way (or just
     /// complete) into a disconnect.
     async fn flush(&self, run: &mut Run) {
-        if self.admission.is_some() {
-            // Nothing reaches the client before the admission.
-            return;
-        }
+        // Nothing reaches the client before the admission: the relay takes
+        // it in before any flush.
+        debug_assert!(self.admission.is_none(), "flush before the admission");
         let (Sink::Stream(tx), Some(bytes)) = (&self.sink, run.outbox.take()) else { return };
         if tx.send(Ok(bytes)).await.is_err() && matches!(run.outcome, None | Some(Outcome::Complete)) {
             run.outcome = Some(Outcome::Disconnect);

@@ -917,6 +917,18 @@ struct StreamRun {
     guard: StreamGuard,
 }
 
+impl Frame {
+    /// What the frame writes; `None` for a reset, which writes nothing.
+    fn bytes(self, proto: Proto) -> Option<Bytes> {
+        match self {
+            Frame::Json(v) => Some(encode(proto, v)),
+            Frame::SseDone => Some(Bytes::from_static(b"data: [DONE]\n\n")),
+            Frame::Raw(b) => Some(b),
+            Frame::Reset => None,
+        }
+    }
+}
+
 fn encode(proto: Proto, mut value: Value) -> Bytes {
     match proto {
         Proto::Ollama => {
@@ -958,12 +970,7 @@ fn stream_body(state: Arc<MockState>, proto: Proto, frames: Vec<Frame>) -> Body 
         if run.one_write && !matches!(frame, Frame::Reset) && run.frames.iter().all(|f| !matches!(f, Frame::Reset)) {
             let mut all = bytes::BytesMut::new();
             for f in std::iter::once(frame).chain(run.frames.drain(..)) {
-                all.extend_from_slice(&match f {
-                    Frame::Json(v) => encode(run.proto, v),
-                    Frame::SseDone => Bytes::from_static(b"data: [DONE]\n\n"),
-                    Frame::Raw(b) => b,
-                    Frame::Reset => unreachable!("checked above"),
-                });
+                all.extend_from_slice(&f.bytes(run.proto).expect("no reset among them"));
             }
             run.guard.finished = true;
             return Some((Ok(all.freeze()), run));
@@ -971,11 +978,9 @@ fn stream_body(state: Arc<MockState>, proto: Proto, frames: Vec<Frame>) -> Body 
         if run.frames.is_empty() {
             run.guard.finished = true;
         }
-        let item = match frame {
-            Frame::Json(v) => Ok(encode(run.proto, v)),
-            Frame::SseDone => Ok(Bytes::from_static(b"data: [DONE]\n\n")),
-            Frame::Raw(b) => Ok(b),
-            Frame::Reset => {
+        let item = match frame.bytes(run.proto) {
+            Some(bytes) => Ok(bytes),
+            None => {
                 // Let the server flush what came before (hyper drops buffered
                 // output when the body fails), then abort.
                 tokio::task::yield_now().await;
