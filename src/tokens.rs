@@ -262,18 +262,28 @@ pub fn count_text(text: &str) -> u64 {
 }
 
 fn count_value_text(v: Option<&Value>) -> u64 {
+    value_text(v, &count_text)
+}
+
+/// `text`'s measure of a field: its tokens (`count_text`), or a bound on
+/// them (see `prompt_bound`).
+fn value_text(v: Option<&Value>, text: &impl Fn(&str) -> u64) -> u64 {
     match v {
-        Some(Value::String(s)) => count_text(s),
+        Some(Value::String(s)) => text(s),
         Some(Value::Null) | None => 0,
         // Structured content (arrays of parts, JSON arguments) is counted in
         // its serialised form.
-        Some(other) => count_text(&other.to_string()),
+        Some(other) => text(&other.to_string()),
     }
 }
 
 /// Tokens of the tool calls of one message or delta, in either protocol:
 /// Ollama's arguments are an object (counted serialised), OpenAI's a string.
 pub fn count_tool_calls(calls: Option<&Value>) -> u64 {
+    tool_calls(calls, &count_text)
+}
+
+fn tool_calls(calls: Option<&Value>, text: &impl Fn(&str) -> u64) -> u64 {
     let Some(Value::Array(calls)) = calls else {
         return 0;
     };
@@ -281,41 +291,56 @@ pub fn count_tool_calls(calls: Option<&Value>) -> u64 {
         .iter()
         .map(|call| {
             let f = call.get("function");
-            count_value_text(f.and_then(|f| f.get("name")))
-                + count_value_text(f.and_then(|f| f.get("arguments")))
+            value_text(f.and_then(|f| f.get("name")), text) + value_text(f.and_then(|f| f.get("arguments")), text)
         })
         .sum()
 }
 
 /// Prompt tokens of a chat request (`/api/chat` or `/v1/chat/completions`).
 pub fn count_chat_prompt(body: &Value) -> u64 {
-    let mut total = 3;
-    if let Some(Value::Array(messages)) = body.get("messages") {
-        for m in messages {
-            total += 4
-                + count_value_text(m.get("role"))
-                + count_value_text(m.get("content"))
-                + count_value_text(m.get("thinking"))
-                + count_value_text(m.get("name"))
-                + count_value_text(m.get("tool_name"))
-                + count_tool_calls(m.get("tool_calls"));
-        }
-    }
-    total + count_tools(body)
+    chat_prompt(body, &count_text)
 }
 
 /// Prompt tokens of an `/api/generate` request.
 pub fn count_generate_prompt(body: &Value) -> u64 {
-    count_value_text(body.get("prompt"))
-        + count_value_text(body.get("system"))
-        + count_value_text(body.get("suffix"))
+    generate_prompt(body, &count_text)
 }
 
-fn count_tools(body: &Value) -> u64 {
-    match body.get("tools") {
-        Some(Value::Array(tools)) if !tools.is_empty() => count_text(&Value::Array(tools.clone()).to_string()),
-        _ => 0,
+/// A bound on what `count_chat_prompt` (or, for `generate`,
+/// `count_generate_prompt`) gives, found without tokenising: the same sum
+/// with every text's bytes in place of its tokens (a token stands for one
+/// byte of text at least).
+pub fn prompt_bound(generate: bool, body: &Value) -> u64 {
+    let bytes = |t: &str| t.len() as u64;
+    if generate {
+        generate_prompt(body, &bytes)
+    } else {
+        chat_prompt(body, &bytes)
     }
+}
+
+fn chat_prompt(body: &Value, text: &impl Fn(&str) -> u64) -> u64 {
+    let mut total = 3;
+    if let Some(Value::Array(messages)) = body.get("messages") {
+        for m in messages {
+            total += 4
+                + value_text(m.get("role"), text)
+                + value_text(m.get("content"), text)
+                + value_text(m.get("thinking"), text)
+                + value_text(m.get("name"), text)
+                + value_text(m.get("tool_name"), text)
+                + tool_calls(m.get("tool_calls"), text);
+        }
+    }
+    total
+        + match body.get("tools") {
+            Some(Value::Array(tools)) if !tools.is_empty() => text(&serde_json::to_string(tools).expect("JSON values serialise")),
+            _ => 0,
+        }
+}
+
+fn generate_prompt(body: &Value, text: &impl Fn(&str) -> u64) -> u64 {
+    value_text(body.get("prompt"), text) + value_text(body.get("system"), text) + value_text(body.get("suffix"), text)
 }
 
 /// Completion tokens of one Ollama chunk (`message` for chat, `response` for generate).
@@ -420,6 +445,34 @@ mod fuzz {
         fn long_words_agree_with_tiktoken(s in "[a-zA-Z]{60,128}|[a-zA-Zéü]{50,64}") {
             prop_assert!(s.len() <= RUN);
             prop_assert_eq!(count_text(&s), bpe().encode_ordinary(&s).len() as u64);
+        }
+    }
+
+    proptest! {
+        /// `prompt_bound` never falls below the count (the gateway decides
+        /// with it whether a request may go to the upstream before its
+        /// prompt is counted): any text, content as parts, tool calls and
+        /// tool definitions, in both request shapes.
+        #[test]
+        fn the_prompt_bound_is_never_below_the_count(
+            texts in proptest::collection::vec("\\PC{0,60}|<\\|endoftext\\|>|[ \n]{0,30}", 1..6),
+            parts in any::<bool>(),
+            tools in any::<bool>(),
+        ) {
+            let t = |i: usize| texts[i % texts.len()].clone();
+            let content = if parts { serde_json::json!([{"type": "text", "text": t(1)}]) } else { Value::String(t(1)) };
+            let mut body = serde_json::json!({
+                "messages": [
+                    {"role": t(0), "content": content, "thinking": t(2)},
+                    {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": t(3), "arguments": t(4)}}]},
+                ],
+                "prompt": t(0), "system": t(2), "suffix": t(4),
+            });
+            if tools {
+                body["tools"] = serde_json::json!([{"type": "function", "function": {"name": t(3), "description": t(1)}}]);
+            }
+            prop_assert!(count_chat_prompt(&body) <= prompt_bound(false, &body));
+            prop_assert!(count_generate_prompt(&body) <= prompt_bound(true, &body));
         }
     }
 

@@ -22,7 +22,7 @@ use axum::{
 };
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use futures_util::future::{self, Either};
+use futures_util::future::{self, Either, MaybeDone};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
@@ -167,15 +167,11 @@ fn parse_request(dialect: Dialect, bytes: &[u8], default_model: &str) -> Result<
     Ok(Parsed { body, model, client_stream, client_wants_usage })
 }
 
-async fn count_prompt(dialect: Dialect, body: serde_json::Map<String, Value>, size: usize) -> (serde_json::Map<String, Value>, u64) {
-    let count = move |body: serde_json::Map<String, Value>| {
-        let v = Value::Object(body);
-        let n = match dialect {
-            Dialect::OllamaGenerate => tokens::count_generate_prompt(&v),
-            _ => tokens::count_chat_prompt(&v),
-        };
-        let Value::Object(body) = v else { unreachable!("built from an object") };
-        (body, n)
+/// The prompt's tokens, counted off the runtime's workers when it is big.
+async fn count_prompt(dialect: Dialect, body: Value, size: usize) -> u64 {
+    let count = move |body: Value| match dialect {
+        Dialect::OllamaGenerate => tokens::count_generate_prompt(&body),
+        _ => tokens::count_chat_prompt(&body),
     };
     if size >= tokens::BLOCKING_THRESHOLD {
         tokio::task::spawn_blocking(move || count(body)).await.expect("token counting does not panic")
@@ -194,10 +190,11 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
         return Err(ApiError::forbidden(format!("API key '{}' may not use model '{}'", key.name, parsed.model)));
     }
     let meta = RequestMeta { request_id: crate::quota::fast_id(), key_id: key.id, dialect, model: parsed.model.clone(), started };
-    let (mut body, prompt_tokens) = count_prompt(dialect, parsed.body, bytes.len()).await;
+    let size = bytes.len();
     drop(bytes);
 
     // The gateway always streams from the upstream, so it can meter and stop.
+    let mut body = parsed.body;
     body.insert("stream".into(), Value::Bool(true));
     if dialect == Dialect::OpenAiChat {
         let opts = body.entry("stream_options").or_insert_with(|| json!({}));
@@ -205,15 +202,11 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
             o.insert("include_usage".into(), Value::Bool(true));
         }
     }
+    let body = Value::Object(body);
     let json = Bytes::from(serde_json::to_vec(&body).expect("a JSON object serialises"));
-    drop(body);
     let target = settings.generation_target(dialect);
     let open = state.config.quota_failure_mode == FailureMode::Open;
-    // Pinned here, and lent to `admit_and_send`: moved into it, each would
-    // take room twice in this request's future (the argument, and the
-    // pinned copy), and the future is copied whole when it is boxed.
-    let mut admit = pin!(state.quota.admit(&state.db, key.id, key.limits, prompt_tokens));
-    let send = pin!(async {
+    let mut send = pin!(future::maybe_done(async {
         let sent = Instant::now();
         let upstream = match target {
             Ok(target) => upstream::post_json(&state.direct, &state.http, target, json, state.config.upstream_timeout).await,
@@ -221,10 +214,29 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
         };
         metrics::upstream_ttfb(dialect).record(sent.elapsed().as_secs_f64());
         upstream
-    });
+    }));
+    // Whether the request may go ahead of its admission is decided on a
+    // bound of its prompt's count (`tokens::prompt_bound`, no tokenising),
+    // so a request sent ahead is on its way while its prompt is counted:
+    // the first poll hands it to the connection's task, and the yield lets
+    // that task write it. (A request too big to count on a worker is
+    // bound by its size, which the text and its JSON framing exceed.)
+    let bound = if size >= tokens::BLOCKING_THRESHOLD { size as u64 } else { tokens::prompt_bound(dialect == Dialect::OllamaGenerate, &body) };
+    let ahead = state.quota.may_send_ahead(key.id, bound);
+    let mut before_upstream = started.elapsed();
+    if ahead {
+        let _ = futures_util::poll!(send.as_mut());
+        tokio::task::yield_now().await;
+    }
+    let prompt_tokens = count_prompt(dialect, body, size).await;
+    if !ahead {
+        before_upstream = started.elapsed();
+    }
+    // Pinned here, and lent to `admit_and_send`: moved into it, each would
+    // take room twice in this request's future (the argument, and the
+    // pinned copy), and the future is copied whole when it is boxed.
+    let mut admit = pin!(state.quota.admit(&state.db, key.id, key.limits, prompt_tokens));
     let goes_on = |a: &Result<Admission, QuotaError>| matches!(a, Ok(Admission::Granted(_))) || (open && a.is_err());
-    let ahead = state.quota.may_send_ahead(key.id, prompt_tokens);
-    let before_upstream = started.elapsed();
     let job = |meta: RequestMeta, reservation: Reservation, admission, overhead, sink| RelayJob {
         state: state.clone(),
         meta,
@@ -237,7 +249,7 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
     };
     // A relay started before the admission came, and where its admission goes.
     let mut early = None;
-    let (admission, upstream, admission_wait) = match admit_and_send(admit.as_mut(), send, ahead, goes_on).await {
+    let (admission, upstream, admission_wait) = match admit_and_send(admit.as_mut(), send.as_mut(), ahead, goes_on).await {
         Sent::Both(admission, upstream, waited) => (admission, upstream, waited),
         Sent::UpstreamFirst(upstream) => {
             let answered = Instant::now();
@@ -404,30 +416,41 @@ enum Sent<A, U> {
 }
 
 /// Runs the admission, and the upstream request once the admission lets
-/// it through (`goes_on`). With `ahead`, the upstream request starts at
-/// once, alongside the admission (one store round trip off the client's
-/// time), and is dropped, which cancels it, if the admission refuses:
-/// nothing of it reaches the client or the key's usage before the
-/// admission is in.
+/// it through (`goes_on`). With `ahead`, the upstream request has started
+/// already (see `generate`) and goes on alongside the admission (one store
+/// round trip off the client's time); it is dropped, which cancels it, if
+/// the admission refuses: nothing of it reaches the client or the key's
+/// usage before the admission is in.
 async fn admit_and_send<A: Future, U: Future>(
     admit: Pin<&mut A>,
-    send: Pin<&mut U>,
+    mut send: Pin<&mut MaybeDone<U>>,
     ahead: bool,
     goes_on: impl Fn(&A::Output) -> bool,
 ) -> Sent<A::Output, U::Output> {
     let started = Instant::now();
+    let take = |send: Pin<&mut MaybeDone<U>>| send.take_output().expect("the upstream request was awaited");
     if !ahead {
         let admission = admit.await;
         let waited = started.elapsed();
-        let upstream = if goes_on(&admission) { Some(send.await) } else { None };
+        let upstream = if goes_on(&admission) {
+            send.as_mut().await;
+            Some(take(send))
+        } else {
+            None
+        };
         return Sent::Both(admission, upstream, waited);
     }
-    match future::select(admit, send).await {
-        Either::Left((admission, send)) => {
-            let upstream = if goes_on(&admission) { Some(send.await) } else { None };
+    match future::select(admit, send.as_mut()).await {
+        Either::Left((admission, _)) => {
+            let upstream = if goes_on(&admission) {
+                send.as_mut().await;
+                Some(take(send))
+            } else {
+                None
+            };
             Sent::Both(admission, upstream, Duration::ZERO)
         }
-        Either::Right((upstream, _)) => Sent::UpstreamFirst(upstream),
+        Either::Right(((), _)) => Sent::UpstreamFirst(take(send)),
     }
 }
 
@@ -451,20 +474,16 @@ pub fn reset_in(now: DateTime<Utc>, at: DateTime<Utc>) -> String {
 
 /// OpenAI's `x-ratelimit-*` headers for the tightest request and token windows.
 pub fn rate_limit_headers(h: &mut HeaderMap, status: &QuotaStatus, now: DateTime<Utc>) {
-    let mut put = |kind: &str, w: Option<Window>| {
+    let mut put = |[limit, remaining, reset]: [&'static str; 3], w: Option<Window>| {
         let Some(w) = w else { return };
-        for (name, value) in [
-            (format!("x-ratelimit-limit-{kind}"), w.limit.to_string()),
-            (format!("x-ratelimit-remaining-{kind}"), w.remaining.to_string()),
-            (format!("x-ratelimit-reset-{kind}"), reset_in(now, w.reset_at)),
-        ] {
-            if let (Ok(n), Ok(v)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {
-                h.insert(n, v);
-            }
+        h.insert(HeaderName::from_static(limit), HeaderValue::from(w.limit));
+        h.insert(HeaderName::from_static(remaining), HeaderValue::from(w.remaining));
+        if let Ok(v) = HeaderValue::try_from(reset_in(now, w.reset_at)) {
+            h.insert(HeaderName::from_static(reset), v);
         }
     };
-    put("requests", status.requests_window());
-    put("tokens", status.tokens_window());
+    put(["x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"], status.requests_window());
+    put(["x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"], status.tokens_window());
 }
 
 async fn passthrough(state: &AppState, headers: &HeaderMap, path: &str, protocol: Protocol) -> Response {

@@ -415,23 +415,15 @@ impl futures_util::Stream for Streaming {
     }
 }
 
-/// A non-stream request's answer. Made once and moved once (through the
-/// relay's channel): a box for the larger variant would cost more than the
-/// copy.
+/// A non-stream request's answer: its JSON text, written by
+/// `ollama::Assembler::finish` or serialised from `openai::Completion` when
+/// the relay makes it (which can be before the admission comes).
 #[derive(Debug)]
-#[allow(clippy::large_enum_variant)]
-pub enum Answer {
-    OpenAi(openai::Completion),
-    /// The JSON text, written by `ollama::Assembler::finish`.
-    Ollama(Bytes),
-}
+pub struct Answer(Bytes);
 
 impl axum::response::IntoResponse for Answer {
     fn into_response(self) -> axum::response::Response {
-        match self {
-            Answer::OpenAi(c) => axum::Json(c).into_response(),
-            Answer::Ollama(json) => ([(axum::http::header::CONTENT_TYPE, "application/json")], json).into_response(),
-        }
+        ([(axum::http::header::CONTENT_TYPE, "application/json")], self.0).into_response()
     }
 }
 
@@ -505,6 +497,8 @@ struct Run {
     saw_finish: bool,
     /// Streaming: frames not yet handed to the client.
     outbox: Outbox,
+    /// A non-stream answer made while the admission was on its way.
+    answer: Option<Answer>,
 }
 
 /// What the relay has for a streaming client and not yet handed on. The
@@ -627,6 +621,14 @@ impl RelayJob {
             }
             if self.admission.is_none() {
                 break;
+            }
+            // All of a complete answer is in: a non-stream client's answer
+            // is made while the admission comes. It stands unless the
+            // admission leaves less room than was assumed, and then the
+            // relay starts over with a fresh run.
+            if run.outcome == Some(Outcome::Complete) && matches!(self.sink, Sink::Whole(_)) {
+                let (prompt, completion) = self.charged(&run).1;
+                run.answer = Some(self.answer(&mut run, Outcome::Complete, prompt, completion));
             }
             if !self.admitted(&mut run, &mut kept, &mut again).await {
                 return;
@@ -905,6 +907,44 @@ impl RelayJob {
         }
     }
 
+    /// Whether the request is refunded, and the tokens charged.
+    fn charged(&self, run: &Run) -> (bool, (u64, u64)) {
+        let outcome = run.outcome.unwrap_or(Outcome::UpstreamError);
+        let refund = outcome == Outcome::UpstreamError && run.metered == 0;
+        let tokens = match (outcome, run.upstream_usage) {
+            _ if refund => (0, 0),
+            (Outcome::Complete, Some(u)) => u,
+            _ => (self.reservation.prompt_tokens, run.metered),
+        };
+        (refund, tokens)
+    }
+
+    /// A non-stream client's answer, from what the run assembled (taken out
+    /// of it).
+    fn answer(&self, run: &mut Run, outcome: Outcome, prompt: u64, completion: u64) -> Answer {
+        match self.meta.dialect {
+            Dialect::OpenAiChat => {
+                let completion = std::mem::take(&mut run.openai).finish(outcome == Outcome::Quota, (prompt, completion));
+                Answer(Bytes::from(serde_json::to_vec(&completion).expect("a completion serialises")))
+            }
+            d => {
+                let final_chunk = match (outcome, run.final_chunk.take()) {
+                    (Outcome::Complete, Some(f)) => f,
+                    _ => ollama::length_chunk(
+                        d == Dialect::OllamaGenerate,
+                        &self.meta.model,
+                        prompt,
+                        completion,
+                        self.meta.started.elapsed().as_nanos() as u64,
+                    )
+                    .to_string(),
+                };
+                let fresh = ollama::Assembler::new(d == Dialect::OllamaGenerate);
+                Answer(std::mem::replace(&mut run.ollama, fresh).finish(&final_chunk))
+            }
+        }
+    }
+
     async fn finish(self, mut run: Run) {
         if run.outcome.unwrap_or(Outcome::UpstreamError) == Outcome::UpstreamError && !run.error_forwarded {
             // A stream that broke off gets an error in its protocol, so the
@@ -918,13 +958,8 @@ impl RelayJob {
             self.send(&mut run, bytes);
         }
         self.flush(&mut run).await;
+        let (refund, (prompt, completion)) = self.charged(&run);
         let outcome = run.outcome.unwrap_or(Outcome::UpstreamError);
-        let refund = outcome == Outcome::UpstreamError && run.metered == 0;
-        let (prompt, completion) = match (outcome, run.upstream_usage) {
-            _ if refund => (0, 0),
-            (Outcome::Complete, Some(u)) => u,
-            _ => (self.reservation.prompt_tokens, run.metered),
-        };
         let settling = Instant::now();
         let charge = Charge { prompt_tokens: prompt, completion_tokens: completion, refund_request: refund };
         let mut settle = std::pin::pin!(self.state.quota.settle(&self.reservation, charge));
@@ -937,36 +972,25 @@ impl RelayJob {
         // where Redis shares a CPU with the client the client waited for the
         // script: 25-60 µs added at p50 in the bench.)
         let settled = settle.as_mut().now_or_never();
-        let mut status = StatusCode::OK;
-        match self.sink {
-            Sink::Whole(tx) => {
-                let answer = match outcome {
-                    Outcome::UpstreamError => {
-                        status = StatusCode::BAD_GATEWAY;
-                        Err(ApiError::new(status, run.error.clone().unwrap_or_else(|| "upstream error".into())))
-                    }
-                    _ => Ok(match self.meta.dialect {
-                        Dialect::OpenAiChat => Answer::OpenAi(run.openai.finish(outcome == Outcome::Quota, (prompt, completion))),
-                        d => {
-                            let final_chunk = match (outcome, run.final_chunk) {
-                                (Outcome::Complete, Some(f)) => f,
-                                _ => ollama::length_chunk(
-                                    d == Dialect::OllamaGenerate,
-                                    &self.meta.model,
-                                    prompt,
-                                    completion,
-                                    self.meta.started.elapsed().as_nanos() as u64,
-                                )
-                                .to_string(),
-                            };
-                            Answer::Ollama(run.ollama.finish(&final_chunk))
-                        }
-                    }),
-                };
+        // A streaming client has had its 200 already.
+        let whole = matches!(self.sink, Sink::Whole(_));
+        let status = if whole && outcome == Outcome::UpstreamError { StatusCode::BAD_GATEWAY } else { StatusCode::OK };
+        let answer = match (&self.sink, outcome) {
+            (Sink::Stream(_), _) => None,
+            (Sink::Whole(_), Outcome::UpstreamError) => {
+                Some(Err(ApiError::new(status, run.error.clone().unwrap_or_else(|| "upstream error".into()))))
+            }
+            (Sink::Whole(_), _) => Some(Ok(match run.answer.take() {
+                Some(answer) => answer,
+                None => self.answer(&mut run, outcome, prompt, completion),
+            })),
+        };
+        match (self.sink, answer) {
+            (Sink::Whole(tx), Some(answer)) => {
                 let _ = tx.send(answer);
             }
             // Dropping the sender ends the client's stream.
-            Sink::Stream(tx) => drop(tx),
+            (sink, _) => drop(sink),
         }
         let settled = match settled {
             Some(r) => r,
@@ -998,6 +1022,7 @@ impl Run {
             saw_finish: false,
             error_forwarded: false,
             outbox: Outbox::default(),
+            answer: None,
         }
     }
 

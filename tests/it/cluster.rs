@@ -258,11 +258,29 @@ async fn an_answer_read_before_its_admission_came_is_served_and_settled_once_adm
 /// admission of a request sent ahead leaves less room than the relay assumed
 /// while it read the answer. The client gets what it would have got had the
 /// relay waited: the answer cut where the key ran out, not a token more.
+/// With a lease of 8 the relay reads past the assumed room (the prompt and
+/// one lease) and waits for the admission there.
 #[tokio::test]
 async fn an_admission_with_less_room_than_assumed_cuts_the_answer_where_the_key_runs_out() {
+    cut_where_the_key_runs_out(8, 1).await;
+}
+
+/// As above, but with a lease of 64 all 20 tokens fit the assumed room: the
+/// relay reads the whole answer, and makes a non-stream client's answer,
+/// before the admission comes. That answer must not be the one sent.
+#[tokio::test]
+async fn an_answer_complete_before_an_admission_with_less_room_is_cut_where_the_key_runs_out() {
+    cut_where_the_key_runs_out(64, 10).await;
+}
+
+/// Replica A admits a key while it has room; replica B then answers
+/// `answers_on_b` requests, which leave the prompt and 3 tokens; A's next
+/// request goes ahead of its admission, with a 20-token answer.
+async fn cut_where_the_key_runs_out(lease: u64, answers_on_b: u64) {
     let cluster = Cluster::new().await;
-    let (slow, a) = behind_redis_proxy(&cluster, |o| o.env("LEASE_TOKENS", "8")).await;
-    let b = TestApp::spawn_with(cluster.options().env("MIGRATE_ON_START", "false").env("OLLAMA_URL", &a.mock.url).env("LEASE_TOKENS", "8")).await;
+    let lease = lease.to_string();
+    let (slow, a) = behind_redis_proxy(&cluster, |o| o.env("LEASE_TOKENS", &lease)).await;
+    let b = TestApp::spawn_with(cluster.options().env("MIGRATE_ON_START", "false").env("OLLAMA_URL", &a.mock.url).env("LEASE_TOKENS", &lease)).await;
     a.mock.state.set_reply_tokens(20);
     // The whole answer in one write: the relay has all of it at once and
     // reads past the room the admission will leave before it comes.
@@ -276,14 +294,17 @@ async fn an_admission_with_less_room_than_assumed_cuts_the_answer_where_the_key_
     let whole = answer["prompt_eval_count"].as_u64().unwrap() + answer["eval_count"].as_u64().unwrap();
     assert_eq!(answer["prompt_eval_count"], prompt);
     for stream in [false, true] {
-        // Room for two whole answers, and then for the prompt and 3 tokens.
-        let limit = 2 * whole + prompt + 3;
+        // Room for the whole answers, and then for the prompt and 3 tokens.
+        let limit = (1 + answers_on_b) * whole + prompt + 3;
         let (id, key) = a.create_key(json!({"name": format!("k{stream}"), "daily_token_limit": limit})).await;
         assert_eq!(a.post("/api/chat", &key, body.clone()).send().await.unwrap().status(), 200);
-        assert_eq!(b.post("/api/chat", &key, body.clone()).send().await.unwrap().status(), 200);
+        for _ in 0..answers_on_b {
+            assert_eq!(b.post("/api/chat", &key, body.clone()).send().await.unwrap().status(), 200);
+        }
         settle_all(&[&a, &b]).await;
         // (This takes from that room, and leaves enough for the next request.)
-        assert!(a.state.quota.may_send_ahead(id, prompt), "replica A still sees room for the prompt and a lease");
+        let bound = llm_quota::tokens::prompt_bound(false, &body);
+        assert!(a.state.quota.may_send_ahead(id, bound), "replica A still sees room for the prompt's bound and a lease");
 
         slow.set_delay(Duration::from_millis(100));
         let resp = a.post("/api/chat", &key, if stream { stream_body.clone() } else { body.clone() }).send().await.unwrap();
