@@ -219,19 +219,15 @@ async fn generate(state: AppState, dialect: Dialect, headers: HeaderMap, body: R
     // bound of its prompt's count (`tokens::prompt_bound`, no tokenising),
     // so a request sent ahead is on its way while its prompt is counted:
     // the first poll hands it to the connection's task, and the yield lets
-    // that task write it. (A request too big to count on a worker is
-    // bound by its size, which the text and its JSON framing exceed.)
-    let bound = if size >= tokens::BLOCKING_THRESHOLD { size as u64 } else { tokens::prompt_bound(dialect == Dialect::OllamaGenerate, &body) };
-    let ahead = state.quota.may_send_ahead(key.id, bound);
-    let mut before_upstream = started.elapsed();
+    // that task write it.
+    let ahead = state.quota.may_send_ahead(key.id, || tokens::prompt_bound(dialect == Dialect::OllamaGenerate, &body));
+    let sent_at = ahead.then(|| started.elapsed());
     if ahead {
         let _ = futures_util::poll!(send.as_mut());
         tokio::task::yield_now().await;
     }
     let prompt_tokens = count_prompt(dialect, body, size).await;
-    if !ahead {
-        before_upstream = started.elapsed();
-    }
+    let before_upstream = sent_at.unwrap_or_else(|| started.elapsed());
     // Pinned here, and lent to `admit_and_send`: moved into it, each would
     // take room twice in this request's future (the argument, and the
     // pinned copy), and the future is copied whole when it is boxed.
@@ -472,18 +468,31 @@ pub fn reset_in(now: DateTime<Utc>, at: DateTime<Utc>) -> String {
     }
 }
 
+/// The names of OpenAI's `x-ratelimit-*` headers (limit, remaining, reset)
+/// for the request and token windows; made at compile time.
+const REQUEST_WINDOW: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-requests"),
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+];
+const TOKEN_WINDOW: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-tokens"),
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+];
+
 /// OpenAI's `x-ratelimit-*` headers for the tightest request and token windows.
 pub fn rate_limit_headers(h: &mut HeaderMap, status: &QuotaStatus, now: DateTime<Utc>) {
-    let mut put = |[limit, remaining, reset]: [&'static str; 3], w: Option<Window>| {
+    let mut put = |[limit, remaining, reset]: [HeaderName; 3], w: Option<Window>| {
         let Some(w) = w else { return };
-        h.insert(HeaderName::from_static(limit), HeaderValue::from(w.limit));
-        h.insert(HeaderName::from_static(remaining), HeaderValue::from(w.remaining));
+        h.insert(limit, HeaderValue::from(w.limit));
+        h.insert(remaining, HeaderValue::from(w.remaining));
         if let Ok(v) = HeaderValue::try_from(reset_in(now, w.reset_at)) {
-            h.insert(HeaderName::from_static(reset), v);
+            h.insert(reset, v);
         }
     };
-    put(["x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"], status.requests_window());
-    put(["x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"], status.tokens_window());
+    put(REQUEST_WINDOW, status.requests_window());
+    put(TOKEN_WINDOW, status.tokens_window());
 }
 
 async fn passthrough(state: &AppState, headers: &HeaderMap, path: &str, protocol: Protocol) -> Response {

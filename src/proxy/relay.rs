@@ -498,7 +498,7 @@ struct Run {
     /// Streaming: frames not yet handed to the client.
     outbox: Outbox,
     /// A non-stream answer made while the admission was on its way.
-    answer: Option<Answer>,
+    early_answer: Option<Answer>,
 }
 
 /// What the relay has for a streaming client and not yet handed on. The
@@ -627,8 +627,7 @@ impl RelayJob {
             // admission leaves less room than was assumed, and then the
             // relay starts over with a fresh run.
             if run.outcome == Some(Outcome::Complete) && matches!(self.sink, Sink::Whole(_)) {
-                let (prompt, completion) = self.charged(&run).1;
-                run.answer = Some(self.answer(&mut run, Outcome::Complete, prompt, completion));
+                run.early_answer = Some(run.answer(&self.meta, self.reservation.prompt_tokens));
             }
             if !self.admitted(&mut run, &mut kept, &mut again).await {
                 return;
@@ -907,44 +906,6 @@ impl RelayJob {
         }
     }
 
-    /// Whether the request is refunded, and the tokens charged.
-    fn charged(&self, run: &Run) -> (bool, (u64, u64)) {
-        let outcome = run.outcome.unwrap_or(Outcome::UpstreamError);
-        let refund = outcome == Outcome::UpstreamError && run.metered == 0;
-        let tokens = match (outcome, run.upstream_usage) {
-            _ if refund => (0, 0),
-            (Outcome::Complete, Some(u)) => u,
-            _ => (self.reservation.prompt_tokens, run.metered),
-        };
-        (refund, tokens)
-    }
-
-    /// A non-stream client's answer, from what the run assembled (taken out
-    /// of it).
-    fn answer(&self, run: &mut Run, outcome: Outcome, prompt: u64, completion: u64) -> Answer {
-        match self.meta.dialect {
-            Dialect::OpenAiChat => {
-                let completion = std::mem::take(&mut run.openai).finish(outcome == Outcome::Quota, (prompt, completion));
-                Answer(Bytes::from(serde_json::to_vec(&completion).expect("a completion serialises")))
-            }
-            d => {
-                let final_chunk = match (outcome, run.final_chunk.take()) {
-                    (Outcome::Complete, Some(f)) => f,
-                    _ => ollama::length_chunk(
-                        d == Dialect::OllamaGenerate,
-                        &self.meta.model,
-                        prompt,
-                        completion,
-                        self.meta.started.elapsed().as_nanos() as u64,
-                    )
-                    .to_string(),
-                };
-                let fresh = ollama::Assembler::new(d == Dialect::OllamaGenerate);
-                Answer(std::mem::replace(&mut run.ollama, fresh).finish(&final_chunk))
-            }
-        }
-    }
-
     async fn finish(self, mut run: Run) {
         if run.outcome.unwrap_or(Outcome::UpstreamError) == Outcome::UpstreamError && !run.error_forwarded {
             // A stream that broke off gets an error in its protocol, so the
@@ -958,7 +919,7 @@ impl RelayJob {
             self.send(&mut run, bytes);
         }
         self.flush(&mut run).await;
-        let (refund, (prompt, completion)) = self.charged(&run);
+        let (refund, (prompt, completion)) = run.charged(self.reservation.prompt_tokens);
         let outcome = run.outcome.unwrap_or(Outcome::UpstreamError);
         let settling = Instant::now();
         let charge = Charge { prompt_tokens: prompt, completion_tokens: completion, refund_request: refund };
@@ -972,25 +933,23 @@ impl RelayJob {
         // where Redis shares a CPU with the client the client waited for the
         // script: 25-60 µs added at p50 in the bench.)
         let settled = settle.as_mut().now_or_never();
-        // A streaming client has had its 200 already.
-        let whole = matches!(self.sink, Sink::Whole(_));
-        let status = if whole && outcome == Outcome::UpstreamError { StatusCode::BAD_GATEWAY } else { StatusCode::OK };
-        let answer = match (&self.sink, outcome) {
-            (Sink::Stream(_), _) => None,
-            (Sink::Whole(_), Outcome::UpstreamError) => {
-                Some(Err(ApiError::new(status, run.error.clone().unwrap_or_else(|| "upstream error".into()))))
-            }
-            (Sink::Whole(_), _) => Some(Ok(match run.answer.take() {
-                Some(answer) => answer,
-                None => self.answer(&mut run, outcome, prompt, completion),
-            })),
-        };
-        match (self.sink, answer) {
-            (Sink::Whole(tx), Some(answer)) => {
+        let mut status = StatusCode::OK;
+        match self.sink {
+            Sink::Whole(tx) => {
+                let answer = match outcome {
+                    Outcome::UpstreamError => {
+                        status = StatusCode::BAD_GATEWAY;
+                        Err(ApiError::new(status, run.error.clone().unwrap_or_else(|| "upstream error".into())))
+                    }
+                    _ => Ok(match run.early_answer.take() {
+                        Some(answer) => answer,
+                        None => run.answer(&self.meta, self.reservation.prompt_tokens),
+                    }),
+                };
                 let _ = tx.send(answer);
             }
             // Dropping the sender ends the client's stream.
-            (sink, _) => drop(sink),
+            Sink::Stream(tx) => drop(tx),
         }
         let settled = match settled {
             Some(r) => r,
@@ -1022,7 +981,43 @@ impl Run {
             saw_finish: false,
             error_forwarded: false,
             outbox: Outbox::default(),
-            answer: None,
+            early_answer: None,
+        }
+    }
+
+    /// Whether the request is refunded, and the tokens charged
+    /// (`prompt_tokens`: the reservation's count, for want of the
+    /// upstream's).
+    fn charged(&self, prompt_tokens: u64) -> (bool, (u64, u64)) {
+        let outcome = self.outcome.unwrap_or(Outcome::UpstreamError);
+        let refund = outcome == Outcome::UpstreamError && self.metered == 0;
+        let tokens = match (outcome, self.upstream_usage) {
+            _ if refund => (0, 0),
+            (Outcome::Complete, Some(u)) => u,
+            _ => (prompt_tokens, self.metered),
+        };
+        (refund, tokens)
+    }
+
+    /// A non-stream client's answer to a run that did not fail, from what
+    /// it assembled (taken out of it).
+    fn answer(&mut self, meta: &RequestMeta, prompt_tokens: u64) -> Answer {
+        let outcome = self.outcome.unwrap_or(Outcome::Complete);
+        let (_, (prompt, completion)) = self.charged(prompt_tokens);
+        match meta.dialect {
+            Dialect::OpenAiChat => {
+                let completion = std::mem::take(&mut self.openai).finish(outcome == Outcome::Quota, (prompt, completion));
+                Answer(Bytes::from(serde_json::to_vec(&completion).expect("a completion serialises")))
+            }
+            d => {
+                let final_chunk = match (outcome, self.final_chunk.take()) {
+                    (Outcome::Complete, Some(f)) => f,
+                    _ => ollama::length_chunk(d == Dialect::OllamaGenerate, &meta.model, prompt, completion, meta.started.elapsed().as_nanos() as u64)
+                        .to_string(),
+                };
+                let fresh = ollama::Assembler::new(d == Dialect::OllamaGenerate);
+                Answer(std::mem::replace(&mut self.ollama, fresh).finish(&final_chunk))
+            }
         }
     }
 

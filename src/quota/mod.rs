@@ -391,18 +391,19 @@ impl Quota {
         Quota { store, clock, tz, lease_tokens, ttl, room: Default::default(), periods: Default::default() }
     }
 
-    /// Whether a request of `prompt_tokens` may go to the upstream before
-    /// its admission has come back: only with a remote store (an admission
-    /// is a round trip), and only when this replica's last admission of
+    /// Whether a request whose prompt counts at most `prompt_tokens()` may
+    /// go to the upstream before its admission has come back: only with a
+    /// remote store (an admission is a round trip; `prompt_tokens` is not
+    /// asked otherwise), and only when this replica's last admission of
     /// the key left room for another request of this size, which it then
     /// counts as taken until the next admission of the key reports afresh.
     /// A key that was refused, is near a limit, or is new here is admitted
     /// first.
-    pub fn may_send_ahead(&self, key_id: i64, prompt_tokens: u64) -> bool {
+    pub fn may_send_ahead(&self, key_id: i64, prompt_tokens: impl FnOnce() -> u64) -> bool {
         if !self.store.is_remote() {
             return false;
         }
-        let need = prompt_tokens + self.lease_tokens;
+        let need = prompt_tokens() + self.lease_tokens;
         let mut map = self.room.lock().expect("room lock");
         let Some(r) = map.get_mut(&key_id) else { return false };
         if r.requests.is_some_and(|n| n < 1) || r.tokens.is_some_and(|t| t < need) {

@@ -194,20 +194,20 @@ async fn sending_ahead_takes_from_what_the_last_admission_left() {
     let quota = &app.state.quota;
 
     let (by_requests, key) = app.create_key(json!({"name": "r", "daily_request_limit": 3})).await;
-    assert!(!quota.may_send_ahead(by_requests, 0), "a key new to the replica is admitted first");
+    assert!(!quota.may_send_ahead(by_requests, || 0), "a key new to the replica is admitted first");
     let resp = app.post("/api/chat", &key, body.clone()).send().await.unwrap();
     assert_eq!(remaining(&resp, "requests"), 2);
-    assert!(quota.may_send_ahead(by_requests, 0));
-    assert!(quota.may_send_ahead(by_requests, 0));
-    assert!(!quota.may_send_ahead(by_requests, 0), "only two requests were left");
+    assert!(quota.may_send_ahead(by_requests, || 0));
+    assert!(quota.may_send_ahead(by_requests, || 0));
+    assert!(!quota.may_send_ahead(by_requests, || 0), "only two requests were left");
 
     let (by_tokens, key) = app.create_key(json!({"name": "t", "daily_token_limit": 10_000})).await;
     let resp = app.post("/api/chat", &key, body.clone()).send().await.unwrap();
     let left = remaining(&resp, "tokens");
     assert!(left > 1000, "{left}");
-    assert!(!quota.may_send_ahead(by_tokens, left - 7), "the prompt and one lease (8) must fit");
-    assert!(quota.may_send_ahead(by_tokens, left - 8));
-    assert!(!quota.may_send_ahead(by_tokens, 0), "nothing was left for another lease");
+    assert!(!quota.may_send_ahead(by_tokens, || left - 7), "the prompt and one lease (8) must fit");
+    assert!(quota.may_send_ahead(by_tokens, || left - 8));
+    assert!(!quota.may_send_ahead(by_tokens, || 0), "nothing was left for another lease");
 }
 
 /// A request sent ahead whose upstream answers before its admission: the
@@ -304,7 +304,7 @@ async fn cut_where_the_key_runs_out(lease: u64, answers_on_b: u64) {
         settle_all(&[&a, &b]).await;
         // (This takes from that room, and leaves enough for the next request.)
         let bound = llm_quota::tokens::prompt_bound(false, &body);
-        assert!(a.state.quota.may_send_ahead(id, bound), "replica A still sees room for the prompt's bound and a lease");
+        assert!(a.state.quota.may_send_ahead(id, || bound), "replica A still sees room for the prompt's bound and a lease");
 
         slow.set_delay(Duration::from_millis(100));
         let resp = a.post("/api/chat", &key, if stream { stream_body.clone() } else { body.clone() }).send().await.unwrap();
